@@ -1,0 +1,33 @@
+"""medfm: medical-imaging foundation models as first-class Hugging Face citizens.
+
+``import medfm`` registers medfm's processors (and, as families land, configs, models and pipelines)
+with transformers' Auto classes, so ``AutoImageProcessor.from_pretrained`` resolves them.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoImageProcessor
+
+from . import errors
+from .io import MedicalVolume, load_volume, write_nifti
+from .processing import MedicalImageProcessor
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["MedicalImageProcessor", "MedicalVolume", "__version__", "errors", "load_volume", "write_nifti"]
+
+# transformers resolves a processor class by the name saved in preprocessor_config.json, searching the
+# registered mappings. Model configs register the processor again as their families land; this key
+# makes a bare processor folder loadable before any model exists.
+_PROCESSOR_KEY = "medfm_medical_image"
+
+
+def _register() -> None:
+    AutoImageProcessor.register(
+        _PROCESSOR_KEY,
+        image_processor_classes={"pil": MedicalImageProcessor, "torchvision": MedicalImageProcessor},
+        exist_ok=True,
+    )
+
+
+_register()

@@ -1,0 +1,123 @@
+"""The ``medfm`` command line: ``inspect``, ``preprocess``, ``presets``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import MedfmError
+
+__all__ = ["main"]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .io import load_volume
+
+    volume = load_volume(args.file, allow_multichannel=args.multichannel, series_uid=args.series_uid)
+    info = volume.describe()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from .io import load_volume, write_nifti
+    from .processing import MedicalImageProcessor
+
+    if args.config:
+        processor = MedicalImageProcessor.from_pretrained(args.config)
+    else:
+        processor = MedicalImageProcessor.from_preset(args.preset)
+    volume = load_volume(args.file, allow_multichannel=args.multichannel, series_uid=args.series_uid)
+    inputs = processor(volume)
+    processed = inputs.grids[0].processed_volume(inputs["pixel_values"][0])
+    # The processed grid is not the input's: it is written in canonical orientation with its own affine.
+    out = write_nifti(processed, args.out, protect=[args.file])
+    print(
+        f"wrote {out}: shape (C, D, H, W) {tuple(processed.array.shape)}, "
+        f"spacing (z, y, x) {tuple(round(s, 4) for s in processed.spacing)} mm"
+    )
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from .processing import list_presets
+
+    for preset in list_presets():
+        print(f"{preset.name:<26} {preset.description}")
+        if args.verbose:
+            print(f"{'':<26} source: {preset.source}")
+            for step in preset.steps:
+                print(f"{'':<28} {json.dumps(step)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medfm", description="Medical-imaging foundation models for transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"medfm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_reader_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("file", help="NIfTI file, DICOM file, or folder of DICOM slices")
+        command.add_argument(
+            "--multichannel", action="store_true", help="read a 4D NIfTI's 4th axis as channels"
+        )
+        command.add_argument(
+            "--series-uid", help="SeriesInstanceUID to read from a folder with several series"
+        )
+
+    inspect = commands.add_parser(
+        "inspect", help="print geometry, spacing, orientation and intensity statistics"
+    )
+    add_reader_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    preprocess = commands.add_parser("preprocess", help="run a preset (or a saved processor) and write NIfTI")
+    add_reader_options(preprocess)
+    source = preprocess.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="preset name (see `medfm presets`)")
+    source.add_argument("--config", help="folder or preprocessor_config.json of a saved processor")
+    preprocess.add_argument("--out", required=True, help="output .nii or .nii.gz")
+    preprocess.set_defaults(func=_cmd_preprocess)
+
+    presets = commands.add_parser("presets", help="list preprocessing presets")
+    presets.add_argument("-v", "--verbose", action="store_true", help="show each preset's steps")
+    presets.set_defaults(func=_cmd_presets)
+
+    demo = commands.add_parser("demo", help="run the demo on the MNI152 template shipped with nilearn")
+    demo.add_argument("--out", default="demo_outputs", help="output folder")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medfm`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedfmError as error:
+        print(f"medfm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Typed exceptions raised by medfm.
+
+Every error medfm raises on bad input derives from :class:`MedfmError`, so callers can catch one type.
+Each class also derives from the closest built-in exception (``FileNotFoundError``, ``ValueError``...) so
+code written against the standard library keeps working. Messages name the file (when there is one),
+what was wrong, and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CorruptFileError",
+    "DicomSeriesError",
+    "EmptySeriesError",
+    "InvalidGeometryError",
+    "InvalidIntensityError",
+    "MedfmError",
+    "MixedSeriesError",
+    "OverwriteInputError",
+    "ProcessorConfigError",
+    "UnsupportedFormatError",
+    "VolumeNotFoundError",
+    "VolumeShapeError",
+]
+
+
+class MedfmError(Exception):
+    """Base class of every medfm error.
+
+    Args:
+        message: What was wrong and what was expected.
+        path: The file or folder the error is about, if any; it is prefixed to the message.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        self.reason = message
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+class VolumeNotFoundError(MedfmError, FileNotFoundError):
+    """The input path does not exist."""
+
+
+class UnsupportedFormatError(MedfmError, ValueError):
+    """The file is neither NIfTI nor DICOM (nor another format the caller asked for)."""
+
+
+class CorruptFileError(MedfmError, ValueError):
+    """The file has a known format but cannot be decoded (truncated, bad header, bad pixel data)."""
+
+
+class VolumeShapeError(MedfmError, ValueError):
+    """The array has the wrong number of dimensions or an unusable shape."""
+
+
+class InvalidIntensityError(MedfmError, ValueError):
+    """The voxel values are unusable: all NaN, or containing +/-Inf."""
+
+
+class InvalidGeometryError(MedfmError, ValueError):
+    """Spacing or affine is unusable: zero, negative or non-finite spacing, or a singular affine."""
+
+
+class DicomSeriesError(MedfmError, ValueError):
+    """A DICOM folder cannot be assembled into one volume."""
+
+
+class EmptySeriesError(DicomSeriesError):
+    """A folder holds no readable DICOM image."""
+
+
+class MixedSeriesError(DicomSeriesError):
+    """A folder holds slices of more than one series and no series was chosen."""
+
+
+class OverwriteInputError(MedfmError, FileExistsError):
+    """A writer was asked to write over the file its data was read from."""
+
+
+class ProcessorConfigError(MedfmError, ValueError):
+    """An image processor step or preset is unknown or has invalid parameters."""

@@ -1,0 +1,280 @@
+"""DICOM reading (pydicom): a single file or a folder holding one series.
+
+Slices are sorted by their position along the slice normal (``row_cosine x column_cosine``), the
+spacing between slices comes from those positions, and the affine from Image Position/Orientation
+(Patient), converted from DICOM's LPS+ to the RAS+ world medfm uses throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import (
+    CorruptFileError,
+    DicomSeriesError,
+    EmptySeriesError,
+    InvalidGeometryError,
+    MixedSeriesError,
+    UnsupportedFormatError,
+)
+from .orientation import canonical_transform
+from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities
+
+__all__ = ["is_dicom_file", "read_dicom"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Relative spread of slice gaps beyond which a series is called non-uniform.
+_GAP_RTOL = 0.05
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when the file carries the DICOM preamble marker or a ``.dcm``/``.dicom`` name."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            if handle.read(4) == b"DICM":
+                return True
+    except OSError:
+        return False
+    # Files written without the preamble still carry a DICOM name by convention.
+    return str(path).lower().endswith((".dcm", ".dicom"))
+
+
+@dataclass
+class _Slice:
+    path: str
+    header: Any
+    position: float = 0.0
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return out if out.size == n and np.all(np.isfinite(out)) else None
+
+
+def _read_header(path: str) -> Any | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return ds if "Rows" in ds and "Columns" in ds else None
+
+
+def _pixel_data(path: str) -> tuple[np.ndarray, Any]:
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as error:  # pydicom raises many types for bad or truncated pixel data
+        raise CorruptFileError(
+            f"pixel data cannot be decoded ({type(error).__name__}: {error})", path
+        ) from error
+    return pixels, ds
+
+
+def _rescaled(pixels: np.ndarray, ds: Any) -> np.ndarray:
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope == 1.0 and intercept == 0.0:
+        return pixels
+    if slope.is_integer() and intercept.is_integer():
+        return pixels.astype(np.int32) * int(slope) + int(intercept)
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _smallest_exact_dtype(array: np.ndarray) -> np.ndarray:
+    """Keep integer data integer, in int16 when the values fit (as CT in HU does)."""
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        lo, hi = int(array.min()), int(array.max())
+        for candidate in (np.int16, np.int32):
+            info = np.iinfo(candidate)
+            if info.min <= lo and hi <= info.max:
+                return array.astype(candidate, copy=False)
+    return array
+
+
+def _collect(folder: Path) -> tuple[list[_Slice], int]:
+    slices, examined = [], 0
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            examined += 1
+            full = os.path.join(root, name)
+            header = _read_header(full)
+            if header is not None:
+                slices.append(_Slice(full, header))
+            elif is_dicom_file(full):
+                warnings.warn(f"{full}: skipped, DICOM header unreadable or without an image", stacklevel=3)
+    return slices, examined
+
+
+def _choose_series(slices: list[_Slice], folder: str, series_uid: str | None) -> list[_Slice]:
+    by_series: dict[str, list[_Slice]] = {}
+    for s in slices:
+        by_series.setdefault(str(s.header.get("SeriesInstanceUID", "")), []).append(s)
+    if series_uid is not None:
+        if series_uid not in by_series:
+            raise DicomSeriesError(
+                f"no slice has SeriesInstanceUID {series_uid}; found {sorted(by_series)}", folder
+            )
+        return by_series[series_uid]
+    if len(by_series) > 1:
+        listing = "; ".join(
+            f"{uid or '<missing>'} ({len(group)} files, {group[0].header.get('SeriesDescription', 'no description')})"
+            for uid, group in sorted(by_series.items())
+        )
+        raise MixedSeriesError(
+            f"holds {len(by_series)} series: {listing}; expected one (pass series_uid= to choose)", folder
+        )
+    return slices
+
+
+def _in_plane_geometry(ds: Any, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Row cosine, column cosine, (row spacing, column spacing), and whether the file gave the geometry."""
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    if spacing is None:
+        spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+    complete = (
+        orientation is not None
+        and spacing is not None
+        and _floats(ds.get("ImagePositionPatient"), 3) is not None
+    )
+    if orientation is None:
+        orientation = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    if spacing is None:
+        spacing = np.array([1.0, 1.0])
+    if np.any(spacing <= 0):
+        raise InvalidGeometryError(f"PixelSpacing {tuple(spacing)} must be positive", path)
+    return orientation[:3], orientation[3:], spacing, complete
+
+
+def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> MedicalVolume:
+    """Read a DICOM file or a folder holding one series into a canonical :class:`MedicalVolume`.
+
+    Args:
+        path: A DICOM file, or a folder (searched recursively) of DICOM slices.
+        series_uid: The SeriesInstanceUID to read when the folder holds several series.
+
+    Raises:
+        VolumeNotFoundError: The path does not exist.
+        EmptySeriesError: A folder holds no DICOM image.
+        MixedSeriesError: A folder holds several series and ``series_uid`` was not given.
+        DicomSeriesError: Slices disagree on size or orientation, or share a position.
+        CorruptFileError: A file's header or pixel data cannot be decoded.
+        UnsupportedFormatError: A single file that is not a DICOM image, or an enhanced multi-frame file.
+    """
+    path = Path(path)
+    label = os.fspath(path)
+    if path.is_dir():
+        slices, examined = _collect(path)
+        if not slices:
+            raise EmptySeriesError(
+                f"no DICOM image found among {examined} files; expected a DICOM series", label
+            )
+        slices = _choose_series(slices, label, series_uid)
+    else:
+        header = _read_header(label)
+        if header is None:
+            if is_dicom_file(label):
+                raise CorruptFileError(
+                    "DICOM header cannot be parsed or holds no image (no Rows/Columns)", label
+                )
+            raise UnsupportedFormatError("not a DICOM image file", label)
+        slices = [_Slice(label, header)]
+
+    first = slices[0].header
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        raise UnsupportedFormatError(
+            f"is a multi-frame DICOM ({first.NumberOfFrames} frames); only single-frame slices are supported",
+            label,
+        )
+    shapes = Counter((int(s.header.Rows), int(s.header.Columns)) for s in slices)
+    if len(shapes) > 1:
+        raise DicomSeriesError(f"slices differ in size {dict(shapes)}; expected one image size", label)
+
+    row_cos, col_cos, pixel_spacing, has_geometry = _in_plane_geometry(first, slices[0].path)
+    normal = np.cross(row_cos, col_cos)
+    for s in slices:
+        other = _floats(s.header.get("ImageOrientationPatient"), 6)
+        if other is not None and not np.allclose(other, np.concatenate([row_cos, col_cos]), atol=1e-3):
+            raise DicomSeriesError(
+                f"{s.path} has another ImageOrientationPatient; expected one orientation", label
+            )
+        position = _floats(s.header.get("ImagePositionPatient"), 3)
+        s.position = float(position @ normal) if position is not None else 0.0
+
+    slices.sort(key=lambda s: s.position)
+    if len(slices) > 1:
+        gaps = np.diff([s.position for s in slices])
+        if np.any(gaps < 1e-4):
+            raise DicomSeriesError(
+                f"{int(np.sum(gaps < 1e-4)) + 1} slices share a position (several echoes, phases or acquisitions?); "
+                "expected one slice per position",
+                label,
+            )
+        slice_spacing = float(np.median(gaps))
+        if np.ptp(gaps) > _GAP_RTOL * slice_spacing:
+            warnings.warn(
+                f"{label}: slice gaps vary from {gaps.min():.4g} to {gaps.max():.4g} mm; using the median "
+                f"{slice_spacing:.4g} mm (the volume is not resampled onto a uniform grid)",
+                stacklevel=2,
+            )
+    else:
+        slice_spacing = (
+            float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 0) or 1.0
+        )
+    if not has_geometry:
+        warnings.warn(
+            f"{label}: no complete patient geometry (ImagePositionPatient/ImageOrientationPatient/PixelSpacing); "
+            "assuming an axial grid at the origin with 1 mm where values are missing",
+            stacklevel=2,
+        )
+
+    planes = []
+    for s in slices:
+        pixels, ds = _pixel_data(s.path)
+        planes.append(_rescaled(pixels, ds))
+    stacked = np.stack(planes)  # (k, rows, cols) or (k, rows, cols, samples)
+    stacked = _smallest_exact_dtype(stacked) if np.issubdtype(stacked.dtype, np.integer) else stacked
+    # Colour images: samples become channels.
+    data = np.moveaxis(stacked, -1, 0) if stacked.ndim == 4 else stacked[None]
+    check_intensities(data, label)
+
+    origin = _floats(slices[0].header.get("ImagePositionPatient"), 3)
+    lps = np.eye(4)
+    lps[:3, 0] = normal * slice_spacing  # k: along the slice normal
+    lps[:3, 1] = col_cos * pixel_spacing[0]  # row index: PixelSpacing[0] is the distance between rows
+    lps[:3, 2] = row_cos * pixel_spacing[1]  # column index
+    lps[:3, 3] = origin if origin is not None else 0.0
+    affine = check_affine(_LPS_TO_RAS @ lps, label)
+
+    spatial_shape = tuple(int(n) for n in data.shape[1:])
+    transform = canonical_transform(affine, through_plane_axis=0)
+    return MedicalVolume(
+        array=np.ascontiguousarray(transform.apply(data)),
+        affine=affine @ transform.index_matrix(spatial_shape),
+        source_path=label,
+        modality=str(first.get("Modality")) if first.get("Modality") else None,
+        source=SourceGeometry(shape=spatial_shape, affine=affine, transform=transform),  # type: ignore[arg-type]
+        metadata={
+            "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
+            "series_description": str(first.get("SeriesDescription", "")),
+            "photometric_interpretation": str(first.get("PhotometricInterpretation", "")),
+            "num_slices": len(slices),
+        },
+    )

@@ -1,0 +1,192 @@
+"""NIfTI reading and writing (nibabel), with exact round trips through the canonical orientation."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import CorruptFileError, InvalidGeometryError, UnsupportedFormatError, VolumeShapeError
+from .atomic import atomic_output
+from .orientation import canonical_transform, choose_through_plane_axis
+from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities, spacing_from_affine
+
+__all__ = ["NIFTI_SUFFIXES", "is_nifti_path", "read_nifti", "write_nifti"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+_DECODE_ERRORS = (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError)
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """Native byte order (torch cannot take big-endian arrays); values are unchanged."""
+    return array.astype(array.dtype.newbyteorder("="), copy=False) if not array.dtype.isnative else array
+
+
+def _voxels(image: nib.Nifti1Image, path: str) -> np.ndarray:
+    """Read voxels as stored when unscaled (exact), else as float32 after slope/intercept."""
+    slope, inter = image.dataobj.slope, image.dataobj.inter
+    try:
+        if slope in (1.0, None) and inter in (0.0, None):
+            return _native(np.asarray(image.dataobj))
+        return image.get_fdata(dtype=np.float32)
+    except _DECODE_ERRORS as error:
+        raise CorruptFileError(
+            f"voxel data cannot be read ({error}); the file may be truncated", path
+        ) from error
+
+
+def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> MedicalVolume:
+    """Read a ``.nii`` / ``.nii.gz`` file into a canonical :class:`MedicalVolume`.
+
+    A 2D file becomes one slice. A 4D file with one frame is 3D. A 4D (or 5D vector) file with several
+    frames becomes channels when ``allow_multichannel`` is true and is an error otherwise.
+
+    Args:
+        path: The file.
+        allow_multichannel: Read a 4th axis of length > 1 as channels.
+
+    Raises:
+        UnsupportedFormatError: The name does not end in ``.nii`` or ``.nii.gz``.
+        CorruptFileError: nibabel cannot parse the header or the voxel data.
+        VolumeShapeError: More than 3 spatial-or-channel dims where a 3D volume was expected.
+        InvalidGeometryError: Zero spacing or a singular affine.
+        InvalidIntensityError: All NaN or holding Inf.
+    """
+    path = os.fspath(path)
+    if not is_nifti_path(path):
+        raise UnsupportedFormatError("not a NIfTI file name; expected .nii or .nii.gz", path)
+    try:
+        image = nib.load(path)
+    except _DECODE_ERRORS as error:
+        raise CorruptFileError(f"not a readable NIfTI file ({error})", path) from error
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise UnsupportedFormatError(
+            f"nibabel read it as {type(image).__name__}; expected NIfTI-1 or NIfTI-2", path
+        )
+
+    _check_pixdim(image, path)
+    data = _voxels(image, path)
+    channel_axis_last = False
+    if data.ndim == 2:
+        data = data[..., None]
+    elif data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images store components on axis 5
+        data = data[:, :, :, 0, :]
+    if data.ndim == 4:
+        if data.shape[3] == 1:
+            data = data[..., 0]
+        elif allow_multichannel:
+            channel_axis_last = True
+        else:
+            raise VolumeShapeError(
+                f"is a 4D volume of shape {data.shape}; expected a 3D volume "
+                "(pass allow_multichannel=True to read the 4th axis as channels)",
+                path,
+            )
+    if data.ndim not in (3, 4):
+        raise VolumeShapeError(f"has {data.ndim} dims {data.shape}; expected 3D (or 4D with channels)", path)
+    check_intensities(data, path)
+
+    affine = check_affine(image.affine, path)
+    spatial_shape = tuple(int(n) for n in data.shape[:3])
+    transform = canonical_transform(
+        affine, choose_through_plane_axis(spatial_shape, spacing_from_affine(affine), affine)
+    )
+    channels_first = np.moveaxis(data, -1, 0) if channel_axis_last else data[None]
+    source = SourceGeometry(
+        shape=spatial_shape,  # type: ignore[arg-type]
+        affine=affine,
+        transform=transform,
+        header=image.header.copy(),
+        channel_axis_last=channel_axis_last,
+    )
+    return MedicalVolume(
+        array=np.ascontiguousarray(transform.apply(channels_first)),
+        affine=affine @ transform.index_matrix(spatial_shape),
+        source_path=path,
+        modality=None,
+        source=source,
+        metadata={"description": _header_text(image.header, "descrip")},
+    )
+
+
+def _check_pixdim(image: nib.Nifti1Image, path: str) -> None:
+    """Without an sform the grid comes from pixdim, which nibabel "fixes" on load (0 becomes 1 mm,
+    negatives their absolute value). Read the header as stored and refuse such spacing instead."""
+    if int(image.header["sform_code"]) != 0:
+        return
+    try:
+        with nib.openers.ImageOpener(path) as handle:
+            header = type(image.header).from_fileobj(handle, check=False)
+    except _DECODE_ERRORS as error:
+        raise CorruptFileError(f"header cannot be read ({error})", path) from error
+    zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise InvalidGeometryError(
+            f"pixdim spacing {tuple(float(z) for z in zooms)} has a zero, negative or non-finite axis; "
+            "expected positive spacing on every axis",
+            path,
+        )
+
+
+def _header_text(header: nib.Nifti1Header, key: str) -> str:
+    value = header[key]
+    return value.item().decode("latin-1", "replace").strip("\x00 ") if hasattr(value, "item") else str(value)
+
+
+def write_nifti(
+    volume: MedicalVolume,
+    path: str | os.PathLike,
+    *,
+    dtype: np.dtype | str | None = None,
+    to_source_grid: bool = True,
+    protect: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write a volume to ``.nii`` / ``.nii.gz`` atomically; never over the file it was read from.
+
+    With ``to_source_grid`` (the default) a volume read from a file is written in that file's voxel order
+    with its affine and header codes, so a read-then-write gives back the same affine, shape and voxels.
+    Otherwise (or for in-memory volumes) the canonical ``(D, H, W)`` grid and affine are written.
+
+    Args:
+        volume: What to write.
+        path: Destination ending in ``.nii`` or ``.nii.gz``.
+        dtype: On-disk dtype; defaults to the array's (bool is written as uint8).
+        to_source_grid: Undo the canonical reorientation when the source grid is known.
+        protect: More paths never to write over (the volume's own source is always protected).
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise UnsupportedFormatError("output name must end in .nii or .nii.gz", path)
+    array = volume.array
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    out_dtype = np.dtype(dtype) if dtype is not None else array.dtype
+    if out_dtype == np.float16:  # not a NIfTI-1 type nibabel writes portably
+        out_dtype = np.dtype(np.float32)
+    if to_source_grid and volume.source is not None:
+        source = volume.source
+        data = volume.with_array(array).to_source_array()
+        header = source.header.copy() if source.header is not None else None
+        affine = source.affine
+    else:
+        data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+        header, affine = None, volume.affine
+    image = nib.Nifti1Image(np.ascontiguousarray(data), affine, header=header)
+    image.header.set_data_dtype(out_dtype)
+    if np.issubdtype(out_dtype, np.floating) or out_dtype == data.dtype:
+        image.header.set_slope_inter(1.0, 0.0)  # store values as they are, no rescaling
+    with atomic_output(path, inputs=[volume.source_path, *protect]) as tmp:
+        nib.save(image, tmp)
+    return path

@@ -1,0 +1,126 @@
+"""Shared test fixtures: real data shipped by nibabel, nilearn and pydicom, and DICOM series built from it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def _nilearn_data() -> Path:
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("nilearn.datasets") / "data"))
+
+
+@pytest.fixture(scope="session")
+def mni_t1_path() -> Path:
+    return _nilearn_data() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def anatomical_path() -> Path:
+    return NIBABEL_DATA / "anatomical.nii"
+
+
+@pytest.fixture(scope="session")
+def example4d_path() -> Path:
+    return NIBABEL_DATA / "example4d.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_small_path() -> Path:
+    return Path(get_testdata_file("CT_small.dcm"))
+
+
+@pytest.fixture(scope="session")
+def mr_small_path() -> Path:
+    return Path(get_testdata_file("MR_small.dcm"))
+
+
+def write_dicom_series(
+    folder: Path,
+    template: Path,
+    positions: list[np.ndarray],
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    series_uid: str | None = None,
+    shuffle_seed: int = 0,
+) -> list[np.ndarray]:
+    """Write slices copied from ``template`` at ``positions`` (LPS mm) under shuffled file names.
+
+    Each slice gets distinct pixels (the template plus 10 * slice index) so the sort order is testable.
+    Returns the stored pixel arrays in position order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(template)
+    series_uid = series_uid or generate_uid()
+    names = [f"IM{i:04d}.dcm" for i in range(len(positions))]
+    random.Random(shuffle_seed).shuffle(names)
+    stored = []
+    for index, (position, name) in enumerate(zip(positions, names)):
+        ds = copy.deepcopy(base)
+        pixels = (ds.pixel_array.astype(np.int32) + 10 * index).astype(ds.pixel_array.dtype)
+        ds.PixelData = pixels.tobytes()
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.InstanceNumber = index + 1
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(folder / name)
+        stored.append(pixels)
+    return stored
+
+
+@pytest.fixture
+def ct_series(tmp_path: Path, ct_small_path: Path) -> tuple[Path, list[np.ndarray], float]:
+    """An axial series of 6 CT slices, 2.5 mm apart, files shuffled. Returns (folder, pixels, gap)."""
+    origin = np.array([-158.135803, -179.035797, -75.699997])
+    gap = 2.5
+    positions = [origin + [0, 0, gap * k] for k in range(6)]
+    pixels = write_dicom_series(tmp_path / "ct_series", ct_small_path, positions)
+    return tmp_path / "ct_series", pixels, gap
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def fixtures_root() -> Path | None:
+    """Folder of upstream parity fixtures (``MEDFM_FIXTURES`` or ``../shared/fixtures``), if present."""
+    configured = os.environ.get("MEDFM_FIXTURES")
+    root = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    return root if root.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def upstream_fixtures():
+    """Return a function ``family -> Path`` of that family's fixture folder.
+
+    Skips with a reason when the folder is missing, and fails instead under ``MEDFM_REQUIRE_FIXTURES=1``.
+    """
+
+    def locate(family: str) -> Path:
+        root = fixtures_root()
+        folder = root / family if root is not None else None
+        if folder is None or not folder.is_dir():
+            message = (
+                f"parity fixtures for {family!r} not found (looked in MEDFM_FIXTURES or ../shared/fixtures)"
+            )
+            if os.environ.get("MEDFM_REQUIRE_FIXTURES") == "1":
+                pytest.fail(message + " and MEDFM_REQUIRE_FIXTURES=1")
+            pytest.skip(message)
+        return folder
+
+    return locate
