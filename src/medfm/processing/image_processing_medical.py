@@ -309,8 +309,8 @@ def _spacing_per_item(spacing: Any, count: int) -> list[Any]:
     if spacing is None:
         return [None] * count
     values = np.asarray(spacing, dtype=np.float64)
-    if values.ndim == 1:
+    if values.ndim <= 1:  # one number (isotropic) or one (z, y, x) for every image
         return [values] * count
     if values.ndim == 2 and values.shape[0] == count:
         return list(values)
-    raise VolumeShapeError(f"spacing has shape {values.shape}; expected (3,) or ({count}, 3)")
+    raise VolumeShapeError(f"spacing has shape {values.shape}; expected a number, (3,) or ({count}, 3)")

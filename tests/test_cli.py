@@ -1,0 +1,86 @@
+"""The ``medfm`` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfm.cli import main
+from medfm.io import load_volume
+
+
+def test_inspect_prints_geometry_and_statistics(anatomical_path: Path, capsys) -> None:
+    assert main(["inspect", str(anatomical_path)]) == 0
+    out = capsys.readouterr().out
+    assert "spacing (z, y, x) mm" in out and "(2.0, 2.0, 2.0)" in out
+    assert "orientation" in out and "SPL" in out and "LAS" in out
+    assert "p99.5" in out and "mean" in out
+
+
+def test_inspect_json_and_dicom(ct_small_path: Path, capsys) -> None:
+    assert main(["inspect", str(ct_small_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modality"] == "CT"
+    assert info["shape (C, D, H, W)"] == [1, 1, 128, 128]
+    assert info["min"] < -800  # Hounsfield units, not stored values
+
+
+def test_preprocess_writes_processed_grid(mni_t1_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t1_mr.nii.gz"
+    assert main(["preprocess", str(mni_t1_path), "--preset", "mr", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    processed = load_volume(out)
+    assert all(n % 16 == 0 for n in processed.spatial_shape)
+    assert float(processed.array.min()) >= 0.0 and float(processed.array.max()) <= 1.0
+    # The processed grid keeps world positions: the input's first voxel sits inside the padded grid.
+    source = nib.load(mni_t1_path)
+    world_origin = source.affine @ [0, 0, 0, 1]
+    index = np.linalg.solve(processed.affine, world_origin)[:3]
+    assert np.all(index > -0.5) and np.all(index < np.array(processed.spatial_shape) - 0.5)
+
+
+def test_preprocess_with_saved_config(anatomical_path: Path, tmp_path: Path) -> None:
+    from medfm.processing import MedicalImageProcessor
+
+    MedicalImageProcessor(steps=[{"name": "zscore"}]).save_pretrained(tmp_path / "proc")
+    out = tmp_path / "z.nii"
+    assert (
+        main(["preprocess", str(anatomical_path), "--config", str(tmp_path / "proc"), "--out", str(out)]) == 0
+    )
+    assert abs(float(load_volume(out).array.mean())) < 1e-4
+
+
+def test_preprocess_refuses_to_overwrite_input(anatomical_path: Path, tmp_path: Path, capsys) -> None:
+    local = tmp_path / "a.nii"
+    local.write_bytes(anatomical_path.read_bytes())
+    assert main(["preprocess", str(local), "--preset", "mr", "--out", str(local)]) == 2
+    assert "refusing to write over the input" in capsys.readouterr().err
+    assert local.read_bytes() == anatomical_path.read_bytes()
+
+
+def test_presets_listing(capsys) -> None:
+    assert main(["presets", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "spad-btcv" in out and "mim-covid19-20" in out and '"name": "window"' in out
+
+
+def test_console_script_entry_point() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "medfm.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("medfm ")
+
+
+def test_unknown_preset_is_a_clean_error(anatomical_path: Path, tmp_path: Path, capsys) -> None:
+    assert (
+        main(["preprocess", str(anatomical_path), "--preset", "nope", "--out", str(tmp_path / "o.nii")]) == 2
+    )
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["preprocess", str(anatomical_path)])  # argparse: --out and a recipe are required
