@@ -297,8 +297,33 @@ class RepeatChannels(Step):
 # --- spatial -----------------------------------------------------------------------------------------
 
 
+class _GridResizingStep(Step):
+    """Shared part of the steps that interpolate onto a new grid: mode check, resize, affine, record."""
+
+    mode: str
+
+    def _check_mode(self) -> None:
+        if self.mode not in INTERPOLATION_MODES:
+            raise self._fail(f"mode {self.mode!r} is not one of {INTERPOLATION_MODES}")
+
+    @abstractmethod
+    def target_shape(self, state: ProcessingState) -> tuple[int, int, int]:
+        """The ``(D, H, W)`` to resize ``state`` to."""
+
+    def apply(self, state: ProcessingState) -> None:
+        old = tuple(state.tensor.shape[1:])
+        new = tuple(self.target_shape(state))
+        if new == old:
+            return
+        state.set_grid(
+            resize(state.tensor, new, self.mode),
+            resized_affine(state.affine, old, new),
+            {"op": "resize", "from": list(old), "to": list(new)},
+        )
+
+
 @dataclass
-class Resample(Step):
+class Resample(_GridResizingStep):
     """Resample to a target spacing ``(z, y, x)`` mm, keeping the field of view.
 
     ``None`` keeps an axis; a 2D image (``D == 1``) keeps its single slice. The grid's true spacing after
@@ -313,23 +338,14 @@ class Resample(Step):
         self.spacing = _three(self.spacing, "spacing", self)
         if any(s is not None and not s > 0 for s in self.spacing):
             raise self._fail(f"spacing {self.spacing} must be positive")
-        if self.mode not in INTERPOLATION_MODES:
-            raise self._fail(f"mode {self.mode!r} is not one of {INTERPOLATION_MODES}")
+        self._check_mode()
 
-    def apply(self, state: ProcessingState) -> None:
-        old = tuple(state.tensor.shape[1:])
-        new = shape_for_spacing(old, state.spacing, self.spacing)
-        if new == old:
-            return
-        state.set_grid(
-            resize(state.tensor, new, self.mode),
-            resized_affine(state.affine, old, new),
-            {"op": "resize", "from": list(old), "to": list(new)},
-        )
+    def target_shape(self, state: ProcessingState) -> tuple[int, int, int]:
+        return shape_for_spacing(tuple(state.tensor.shape[1:]), state.spacing, self.spacing)
 
 
 @dataclass
-class Resize(Step):
+class Resize(_GridResizingStep):
     """Resize to a fixed shape ``(D, H, W)``; ``None`` keeps an axis (e.g. ``[None, 224, 224]`` for 2D)."""
 
     name: ClassVar[str] = "resize"
@@ -340,19 +356,11 @@ class Resize(Step):
         self.size = _three(self.size, "size", self)
         if any(n is not None and int(n) < 1 for n in self.size):
             raise self._fail(f"size {self.size} must be positive")
-        if self.mode not in INTERPOLATION_MODES:
-            raise self._fail(f"mode {self.mode!r} is not one of {INTERPOLATION_MODES}")
+        self._check_mode()
 
-    def apply(self, state: ProcessingState) -> None:
+    def target_shape(self, state: ProcessingState) -> tuple[int, int, int]:
         old = tuple(state.tensor.shape[1:])
-        new = tuple(o if n is None else int(n) for o, n in zip(old, self.size))
-        if new == old:
-            return
-        state.set_grid(
-            resize(state.tensor, new, self.mode),
-            resized_affine(state.affine, old, new),
-            {"op": "resize", "from": list(old), "to": list(new)},
-        )
+        return tuple(o if n is None else int(n) for o, n in zip(old, self.size))  # type: ignore[return-value]
 
 
 @dataclass
