@@ -51,15 +51,19 @@ def mr_small_path() -> Path:
 def write_dicom_series(
     folder: Path,
     template: Path,
-    positions: list[np.ndarray],
+    positions: list[np.ndarray] | list[None],
     orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
     series_uid: str | None = None,
     shuffle_seed: int = 0,
+    pixel_spacing: tuple[float, float] | None = None,
+    size: tuple[int, int] | None = None,
+    edit=None,
 ) -> list[np.ndarray]:
     """Write slices copied from ``template`` at ``positions`` (LPS mm) under shuffled file names.
 
     Each slice gets distinct pixels (the template plus 10 * slice index) so the sort order is testable.
-    Returns the stored pixel arrays in position order.
+    ``size`` crops the image to (rows, columns); ``edit(ds, index)`` may change anything else. A ``None``
+    position writes a slice without ImagePositionPatient. Returns the stored pixel arrays in list order.
     """
     folder.mkdir(parents=True, exist_ok=True)
     base = pydicom.dcmread(template)
@@ -70,12 +74,22 @@ def write_dicom_series(
     for index, (position, name) in enumerate(zip(positions, names)):
         ds = copy.deepcopy(base)
         pixels = (ds.pixel_array.astype(np.int32) + 10 * index).astype(ds.pixel_array.dtype)
+        if size is not None:
+            pixels = np.ascontiguousarray(pixels[: size[0], : size[1]])
+            ds.Rows, ds.Columns = size
         ds.PixelData = pixels.tobytes()
-        ds.ImagePositionPatient = [float(v) for v in position]
+        if position is None:
+            del ds.ImagePositionPatient
+        else:
+            ds.ImagePositionPatient = [float(v) for v in position]
         ds.ImageOrientationPatient = [float(v) for v in orientation]
+        if pixel_spacing is not None:
+            ds.PixelSpacing = [float(v) for v in pixel_spacing]
         ds.InstanceNumber = index + 1
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
+        if edit is not None:
+            edit(ds, index)
         ds.save_as(folder / name)
         stored.append(pixels)
     return stored

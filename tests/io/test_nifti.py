@@ -144,3 +144,79 @@ def test_canonical_grid_write_for_in_memory_volume(tmp_path: Path) -> None:
     assert back.spacing == pytest.approx((3.0, 0.5, 0.7))
     assert np.array_equal(back.array, volume.array)
     assert np.allclose(back.affine, volume.affine)
+
+
+@pytest.mark.parametrize(
+    "shape", [(4, 5, 6, 1), (4, 5), (4, 5, 6, 1, 2)], ids=["4D one frame", "2D", "5D vector"]
+)
+def test_write_back_keeps_the_file_shape(shape: tuple[int, ...], tmp_path: Path) -> None:
+    data = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    path = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.7, 2.0, 1.0])), path)
+    volume = read_nifti(path, allow_multichannel=True)
+    back = nib.load(write_nifti(volume, tmp_path / "out.nii.gz"))
+    assert back.shape == shape
+    assert np.array_equal(np.asarray(back.dataobj), data)
+
+
+def test_nifti2_round_trip(tmp_path: Path) -> None:
+    affine = np.array(
+        [[-0.9, 0.01, 0, 90.123456789], [0, 1.1, 0.02, -120.5], [0, 0, 3.0, 33.3], [0, 0, 0, 1]]
+    )
+    data = np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
+    path = tmp_path / "two.nii"
+    nib.save(nib.Nifti2Image(data, affine), path)
+    back = nib.load(write_nifti(read_nifti(path), tmp_path / "back.nii"))
+    assert isinstance(back, nib.Nifti2Image)
+    assert np.array_equal(back.affine, nib.load(path).affine)
+    assert np.array_equal(np.asarray(back.dataobj), data)
+
+
+def test_label_maps_of_any_integer_type_write(tmp_path: Path, anatomical_path: Path) -> None:
+    from medfm.io import MedicalVolume
+
+    labels = MedicalVolume.from_array(np.arange(60, dtype=np.int64).reshape(3, 4, 5), spacing=1.0)
+    assert nib.load(write_nifti(labels, tmp_path / "int64.nii.gz")).get_data_dtype() == np.int16
+    volume = load_volume(anatomical_path)
+    mask = volume.with_array(volume.array > 50)  # bool, on the source grid
+    out = nib.load(write_nifti(mask, tmp_path / "mask.nii.gz"))
+    assert out.get_data_dtype() == np.uint8 and out.header["cal_max"] == 0
+    assert np.array_equal(np.asarray(out.dataobj), np.asarray(nib.load(anatomical_path).dataobj) > 50)
+
+
+def test_written_files_follow_the_umask(anatomical_path: Path, tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = write_nifti(load_volume(anatomical_path), tmp_path / "perm.nii.gz")
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize(
+    ("voxels", "phrase"),
+    [
+        (np.zeros((4, 4, 4), np.complex64), "complex"),
+        (np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), "RGB"),
+    ],
+    ids=["complex", "rgb24"],
+)
+def test_unsupported_voxel_types(voxels: np.ndarray, phrase: str, tmp_path: Path) -> None:
+    from medfm.errors import UnsupportedFormatError
+
+    path = tmp_path / "odd.nii"
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), path)
+    with pytest.raises(UnsupportedFormatError, match=phrase):
+        load_volume(path)
+
+
+def test_unknown_datatype_code_is_a_corrupt_file(tmp_path: Path) -> None:
+    from medfm.errors import CorruptFileError
+
+    path = tmp_path / "code.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[70:72] = np.int16(999).tobytes()  # the datatype field
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match=str(path)):
+        load_volume(path)

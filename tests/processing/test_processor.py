@@ -177,3 +177,88 @@ def test_post_process_two_d_predictions_and_shape_errors() -> None:
         processor.post_process_semantic_segmentation(torch.randn(1, 4, 32, 32), inputs.grids)
     with pytest.raises(VolumeShapeError, match="one per image"):
         processor.post_process_semantic_segmentation(torch.randn(2, 4, 320, 320), inputs.grids)
+
+
+def _centre_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Independent centre-aligned nearest neighbour: output i reads input floor((i + 0.5) * n_in / n_out)."""
+    index = [
+        np.minimum(np.floor((np.arange(n) + 0.5) * m / n).astype(int), m - 1)
+        for n, m in zip(shape, labels.shape)
+    ]
+    return labels[np.ix_(*index)]
+
+
+def test_integer_labels_restore_with_centre_aligned_nearest() -> None:
+    processor = MedicalImageProcessor(
+        steps=[{"name": "resize", "size": [5, 7, 9]}, {"name": "pad_to_multiple", "multiple": 4}]
+    )
+    volume = RNG.random((7, 10, 6)).astype(np.float32)
+    inputs = processor(volume, spacing=1.0)
+    grid = inputs.grids[0]
+    assert grid.shape == (8, 8, 12)
+    on_grid = RNG.choice([0, 5, 9], size=(1, *grid.shape))  # labels a model could emit; only these values
+    restored = processor.post_process_semantic_segmentation(torch.as_tensor(on_grid), inputs.grids)[0][
+        "segmentation"
+    ]
+    pads = grid.operations[1]["pads"]
+    unpadded = on_grid[0][tuple(slice(b, n - a) for (b, a), n in zip(pads, grid.shape))]
+    assert np.array_equal(restored.array[0], _centre_nearest(unpadded, (7, 10, 6)))
+    assert set(np.unique(restored.array)) <= {0, 5, 9}
+
+
+def test_numpy_parameters_serialise(tmp_path: Path) -> None:
+    processor = MedicalImageProcessor(
+        steps=[{"name": "normalize", "mean": np.array([0.5, 0.4, 0.3]), "std": np.float32(0.25)}]
+    )
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.steps[0]["mean"] == pytest.approx([0.5, 0.4, 0.3]) and reloaded.steps[0]["std"] == 0.25
+
+
+def test_all_nan_channel_becomes_zero() -> None:
+    data = np.ones((2, 3, 4, 4), np.float32)
+    data[1] = np.nan
+    out = MedicalImageProcessor(steps=[])(MedicalVolume.from_array(data, spacing=1.0))["pixel_values"][0]
+    assert torch.equal(out[1], torch.zeros(3, 4, 4)) and torch.equal(out[0], torch.ones(3, 4, 4))
+
+
+# A constant image in, the value each recipe's formula gives out (spec numbers; interior of the image).
+_CONSTANT_CASES = [
+    ("spad-btcv", 37.5, 0.0),  # window [-175, 250] -> 0.5, then 2x-1
+    ("mim-btcv", 250.0, 1.0),  # window top
+    ("mim-lung", -1000.0, 0.0),  # window bottom
+    ("mim-covid19-20", -250.0, 0.5),  # (-250 + 1000) / 1500
+    ("unimiss-pretrain-3d", 512.0, 0.5),  # HU / 1024
+    ("unimiss-ricord", 400.0, (325 - 158.58) / 324.70),  # clip at 325, then (x - 158.58) / 324.70
+    ("vis-mae-pretrain", 255.0, (1.0 - 0.223) / 0.202),
+    ("vis-mae-classification", 51.0, 0.2),
+    ("lvm-med-classification", 255.0, None),  # per channel: (1 - mean_c) / std_c
+    ("unimiss-pretrain-2d", 255.0, 1.0),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), _CONSTANT_CASES, ids=[c[0] for c in _CONSTANT_CASES])
+def test_preset_output_values(name: str, value: float, expected: float | None) -> None:
+    volume = _volume_for(name)
+    constant = volume.with_array(np.full(volume.array.shape, value, np.float32))
+    pixel_values = MedicalImageProcessor.from_preset(name)(constant)["pixel_values"][0]
+    if expected is None:
+        from medfm.processing.presets import IMAGENET_MEAN, IMAGENET_STD
+
+        expected_per_channel = [(1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        for channel, want in zip(pixel_values, expected_per_channel):
+            torch.testing.assert_close(channel, torch.full_like(channel, want))
+        return
+    pads = [
+        op
+        for op in MedicalImageProcessor.from_preset(name)(constant).grids[0].operations
+        if op["op"] == "pad"
+    ]
+    interior = (
+        pixel_values[
+            (slice(None), *(slice(b, n - a) for (b, a), n in zip(pads[0]["pads"], pixel_values.shape[1:])))
+        ]
+        if pads
+        else pixel_values
+    )
+    torch.testing.assert_close(interior, torch.full_like(interior, expected), atol=1e-5, rtol=1e-5)

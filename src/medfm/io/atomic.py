@@ -42,6 +42,12 @@ def refuse_overwrite(destination: str | os.PathLike, inputs: Iterable[str | os.P
             )
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(
     destination: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()
@@ -62,6 +68,7 @@ def atomic_output(
         prefix=f".{destination.name}.", suffix=f".tmp{compound_suffix(destination)}", dir=destination.parent
     )
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, destination)

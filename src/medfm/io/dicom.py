@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ..errors import (
     CorruptFileError,
     DicomSeriesError,
     EmptySeriesError,
     InvalidGeometryError,
+    MedfmError,
     MixedSeriesError,
     UnsupportedFormatError,
 )
@@ -67,21 +67,34 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
 
 
 def _read_header(path: str) -> Any | None:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError):
-        return None
-    return ds if "Rows" in ds and "Columns" in ds else None
+    """The header of a DICOM image file, or ``None`` when the file is not one.
+
+    Files without the 128-byte preamble are retried with ``force=True``; either way a dataset counts
+    only if it describes an image (``Rows`` and ``Columns``).
+    """
+    for force in (False, True):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+            return ds if "Rows" in ds and "Columns" in ds else None
+        except Exception:  # pydicom raises many exception types on non-DICOM or damaged input
+            continue
+    return None
 
 
-def _pixel_data(path: str) -> tuple[np.ndarray, Any]:
+def _pixel_data(path: str, rows: int, columns: int) -> tuple[np.ndarray, Any]:
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=True)
         pixels = ds.pixel_array
     except Exception as error:  # pydicom raises many types for bad or truncated pixel data
         raise CorruptFileError(
             f"pixel data cannot be decoded ({type(error).__name__}: {error})", path
         ) from error
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    expected = (rows, columns) if samples == 1 else (rows, columns, samples)
+    if tuple(pixels.shape) != expected:
+        raise CorruptFileError(
+            f"pixel data has shape {tuple(pixels.shape)}; Rows, Columns and SamplesPerPixel say {expected}", path
+        )
     return pixels, ds
 
 
@@ -144,16 +157,12 @@ def _choose_series(slices: list[_Slice], folder: str, series_uid: str | None) ->
 
 
 def _in_plane_geometry(ds: Any, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """Row cosine, column cosine, (row spacing, column spacing), and whether the file gave the geometry."""
+    """Row cosine, column cosine, (row spacing, column spacing), and whether the file gave them."""
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
     spacing = _floats(ds.get("PixelSpacing"), 2)
     if spacing is None:
         spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
-    complete = (
-        orientation is not None
-        and spacing is not None
-        and _floats(ds.get("ImagePositionPatient"), 3) is not None
-    )
+    complete = orientation is not None and spacing is not None
     if orientation is None:
         orientation = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
     if spacing is None:
@@ -163,8 +172,83 @@ def _in_plane_geometry(ds: Any, path: str) -> tuple[np.ndarray, np.ndarray, np.n
     return orientation[:3], orientation[3:], spacing, complete
 
 
+def _check_consistent(slices: list[_Slice], label: str) -> None:
+    """One image size, orientation and pixel spacing, and single-frame files only."""
+    for s in slices:
+        frames = int(s.header.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise UnsupportedFormatError(
+                f"{s.path} is a multi-frame DICOM ({frames} frames); only single-frame slices are supported",
+                label,
+            )
+    for name, key in (
+        ("size", lambda h: (int(h.Rows), int(h.Columns))),
+        ("ImageOrientationPatient", lambda h: _rounded(h.get("ImageOrientationPatient"), 6, 3)),
+        ("PixelSpacing", lambda h: _rounded(h.get("PixelSpacing"), 2, 4)),
+    ):
+        values = Counter(key(s.header) for s in slices)
+        if len(values) > 1:
+            raise DicomSeriesError(f"slices differ in {name} {dict(values)}; expected one value", label)
+
+
+def _rounded(value: Any, n: int, decimals: int) -> tuple[float, ...] | None:
+    floats = _floats(value, n)
+    return None if floats is None else tuple(np.round(floats, decimals).tolist())
+
+
+def _slice_step(slices: list[_Slice], normal: np.ndarray, label: str) -> np.ndarray:
+    """Sort ``slices`` in place along the slice normal and return the LPS vector from one slice to the next.
+
+    The step is ``(last - first) / (n - 1)``: along the normal for ordinary series, sheared for a gantry
+    tilt. Every slice must lie on that line at equal steps; a missing slice or a second stack is an error,
+    since no single affine could place the slices.
+    """
+    first = slices[0].header
+    header_gap = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 0) or 1.0
+    positions = [_floats(s.header.get("ImagePositionPatient"), 3) for s in slices]
+    if all(p is None for p in positions):
+        if len(slices) > 1:
+            slices.sort(key=lambda s: int(s.header.get("InstanceNumber", 0) or 0))
+            warnings.warn(
+                f"{label}: no ImagePositionPatient; slices ordered by InstanceNumber, {header_gap:g} mm apart",
+                stacklevel=3,
+            )
+        return normal * header_gap
+    if any(p is None for p in positions):
+        raise DicomSeriesError("some slices lack ImagePositionPatient; expected it on every slice", label)
+    for s, p in zip(slices, positions):
+        s.position = float(p @ normal)
+    order = np.argsort([s.position for s in slices], kind="stable")
+    slices[:] = [slices[i] for i in order]
+    positions = np.asarray([positions[i] for i in order])
+    if len(slices) == 1:
+        return normal * header_gap
+    gaps = np.diff([s.position for s in slices])
+    if np.any(gaps < 1e-4):
+        raise DicomSeriesError(
+            f"{int(np.sum(gaps < 1e-4)) + 1} slices share a position (several echoes, phases or "
+            "acquisitions?); expected one slice per position",
+            label,
+        )
+    step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    expected = positions[0] + np.arange(len(slices))[:, None] * step
+    deviation = float(np.abs(positions - expected).max())
+    if deviation > _GAP_RTOL * float(np.linalg.norm(step)):
+        raise DicomSeriesError(
+            f"slices are not evenly spaced on one line (gaps {gaps.min():.4g} to {gaps.max():.4g} mm, "
+            f"off by up to {deviation:.3g} mm); a slice may be missing. Expected a regular series",
+            label,
+        )
+    return step
+
+
 def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> MedicalVolume:
     """Read a DICOM file or a folder holding one series into a canonical :class:`MedicalVolume`.
+
+    Slices are sorted along the slice normal; the slice axis of the affine runs from the first slice's
+    ImagePositionPatient to the last's, so gantry-tilted series keep their (sheared) geometry. Stored
+    values are rescaled (CT in Hounsfield units); MONOCHROME1 images are inverted so that higher means
+    brighter, as in every other modality.
 
     Args:
         path: A DICOM file, or a folder (searched recursively) of DICOM slices.
@@ -174,9 +258,10 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
         VolumeNotFoundError: The path does not exist.
         EmptySeriesError: A folder holds no DICOM image.
         MixedSeriesError: A folder holds several series and ``series_uid`` was not given.
-        DicomSeriesError: Slices disagree on size or orientation, or share a position.
+        DicomSeriesError: Slices disagree on size, orientation or pixel spacing, share a position, or are
+            not evenly spaced.
         CorruptFileError: A file's header or pixel data cannot be decoded.
-        UnsupportedFormatError: A single file that is not a DICOM image, or an enhanced multi-frame file.
+        UnsupportedFormatError: A single file that is not a DICOM image, or a multi-frame file.
     """
     path = Path(path)
     label = os.fspath(path)
@@ -196,75 +281,56 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
                 )
             raise UnsupportedFormatError("not a DICOM image file", label)
         slices = [_Slice(label, header)]
+    try:
+        return _assemble(slices, label)
+    except MedfmError:
+        raise
+    except Exception as error:  # malformed values surface as many types (ValueError, TypeError, ...)
+        raise CorruptFileError(
+            f"unusable DICOM content ({type(error).__name__}: {error})", label
+        ) from error
 
+
+def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
+    _check_consistent(slices, label)
     first = slices[0].header
-    if int(first.get("NumberOfFrames", 1) or 1) > 1:
-        raise UnsupportedFormatError(
-            f"is a multi-frame DICOM ({first.NumberOfFrames} frames); only single-frame slices are supported",
-            label,
-        )
-    shapes = Counter((int(s.header.Rows), int(s.header.Columns)) for s in slices)
-    if len(shapes) > 1:
-        raise DicomSeriesError(f"slices differ in size {dict(shapes)}; expected one image size", label)
-
     row_cos, col_cos, pixel_spacing, has_geometry = _in_plane_geometry(first, slices[0].path)
     normal = np.cross(row_cos, col_cos)
-    for s in slices:
-        other = _floats(s.header.get("ImageOrientationPatient"), 6)
-        if other is not None and not np.allclose(other, np.concatenate([row_cos, col_cos]), atol=1e-3):
-            raise DicomSeriesError(
-                f"{s.path} has another ImageOrientationPatient; expected one orientation", label
-            )
-        position = _floats(s.header.get("ImagePositionPatient"), 3)
-        s.position = float(position @ normal) if position is not None else 0.0
-
-    slices.sort(key=lambda s: s.position)
-    if len(slices) > 1:
-        gaps = np.diff([s.position for s in slices])
-        if np.any(gaps < 1e-4):
-            raise DicomSeriesError(
-                f"{int(np.sum(gaps < 1e-4)) + 1} slices share a position (several echoes, phases or acquisitions?); "
-                "expected one slice per position",
-                label,
-            )
-        slice_spacing = float(np.median(gaps))
-        if np.ptp(gaps) > _GAP_RTOL * slice_spacing:
-            warnings.warn(
-                f"{label}: slice gaps vary from {gaps.min():.4g} to {gaps.max():.4g} mm; using the median "
-                f"{slice_spacing:.4g} mm (the volume is not resampled onto a uniform grid)",
-                stacklevel=2,
-            )
-    else:
-        slice_spacing = (
-            float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 0) or 1.0
-        )
-    if not has_geometry:
+    step = _slice_step(slices, normal, label)
+    origin = _floats(slices[0].header.get("ImagePositionPatient"), 3)
+    if not has_geometry or origin is None:
         warnings.warn(
-            f"{label}: no complete patient geometry (ImagePositionPatient/ImageOrientationPatient/PixelSpacing); "
+            f"{label}: incomplete patient geometry (ImagePositionPatient/ImageOrientationPatient/PixelSpacing); "
             "assuming an axial grid at the origin with 1 mm where values are missing",
-            stacklevel=2,
+            stacklevel=3,
         )
 
+    rows, columns = int(first.Rows), int(first.Columns)
     planes = []
     for s in slices:
-        pixels, ds = _pixel_data(s.path)
+        pixels, ds = _pixel_data(s.path, rows, columns)
         planes.append(_rescaled(pixels, ds))
     stacked = np.stack(planes)  # (k, rows, cols) or (k, rows, cols, samples)
-    stacked = _smallest_exact_dtype(stacked) if np.issubdtype(stacked.dtype, np.integer) else stacked
+    photometric = str(first.get("PhotometricInterpretation", ""))
+    if photometric == "MONOCHROME1":  # stored so that low values are bright: flip to the usual sense
+        wide = stacked.astype(np.int32) if np.issubdtype(stacked.dtype, np.integer) else stacked
+        stacked = wide.max() + wide.min() - wide
+    if np.issubdtype(stacked.dtype, np.integer):
+        stacked = _smallest_exact_dtype(stacked)
     # Colour images: samples become channels.
     data = np.moveaxis(stacked, -1, 0) if stacked.ndim == 4 else stacked[None]
     check_intensities(data, label)
 
-    origin = _floats(slices[0].header.get("ImagePositionPatient"), 3)
     lps = np.eye(4)
-    lps[:3, 0] = normal * slice_spacing  # k: along the slice normal
+    lps[:3, 0] = step  # slice index: from one slice's position to the next
     lps[:3, 1] = col_cos * pixel_spacing[0]  # row index: PixelSpacing[0] is the distance between rows
-    lps[:3, 2] = row_cos * pixel_spacing[1]  # column index
+    lps[:3, 2] = row_cos * pixel_spacing[1]  # column index: PixelSpacing[1] between columns
     lps[:3, 3] = origin if origin is not None else 0.0
     affine = check_affine(_LPS_TO_RAS @ lps, label)
 
     spatial_shape = tuple(int(n) for n in data.shape[1:])
     transform = canonical_transform(affine, through_plane_axis=0)
+    tilt = float(np.degrees(np.arccos(np.clip(abs(step @ normal) / np.linalg.norm(step), 0.0, 1.0))))
     return MedicalVolume(
         array=np.ascontiguousarray(transform.apply(data)),
         affine=affine @ transform.index_matrix(spatial_shape),
@@ -274,7 +340,8 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
         metadata={
             "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
             "series_description": str(first.get("SeriesDescription", "")),
-            "photometric_interpretation": str(first.get("PhotometricInterpretation", "")),
+            "photometric_interpretation": photometric,
             "num_slices": len(slices),
+            "gantry_tilt_degrees": round(tilt, 4),
         },
     )

@@ -19,7 +19,16 @@ __all__ = ["NIFTI_SUFFIXES", "is_nifti_path", "read_nifti", "write_nifti"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
-_DECODE_ERRORS = (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError)
+_DECODE_ERRORS = (
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+    EOFError,
+    OSError,
+    OverflowError,
+    TypeError,
+    ValueError,
+    zlib.error,
+)
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -74,7 +83,13 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
         )
 
     _check_pixdim(image, path)
+    stored = image.get_data_dtype()
+    if stored.fields is not None or np.issubdtype(stored, np.complexfloating):
+        raise UnsupportedFormatError(
+            f"voxel type {stored} (RGB or complex) is not supported; expected real-valued scalar voxels", path
+        )
     data = _voxels(image, path)
+    file_shape = tuple(int(n) for n in data.shape)
     channel_axis_last = False
     if data.ndim == 2:
         data = data[..., None]
@@ -107,6 +122,7 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
         transform=transform,
         header=image.header.copy(),
         channel_axis_last=channel_axis_last,
+        file_shape=file_shape,
     )
     return MedicalVolume(
         array=np.ascontiguousarray(transform.apply(channels_first)),
@@ -135,6 +151,27 @@ def _check_pixdim(image: nib.Nifti1Image, path: str) -> None:
             "expected positive spacing on every axis",
             path,
         )
+
+
+def _disk_dtype(array: np.ndarray, requested: np.dtype | str | None) -> np.dtype:
+    """The on-disk dtype: the requested one, else the array's, made portable (bool to uint8, 64-bit
+    integers to the narrowest of int16/int32 that holds the values, float16 to float32)."""
+    if requested is not None:
+        return np.dtype(requested)
+    if array.dtype == bool:
+        return np.dtype(np.uint8)
+    if array.dtype == np.float16:
+        return np.dtype(np.float32)
+    if array.dtype in (np.int64, np.uint64) and array.size:
+        low, high = int(array.min()), int(array.max())
+        for candidate in (np.int16, np.int32):
+            if np.iinfo(candidate).min <= low and high <= np.iinfo(candidate).max:
+                return np.dtype(candidate)
+    return array.dtype
+
+
+def _same_but_singletons(shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
+    return tuple(n for n in shape if n != 1) == tuple(n for n in other if n != 1)
 
 
 def _header_text(header: nib.Nifti1Header, key: str) -> str:
@@ -170,21 +207,20 @@ def write_nifti(
     if not is_nifti_path(path):
         raise UnsupportedFormatError("output name must end in .nii or .nii.gz", path)
     array = volume.array
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    out_dtype = np.dtype(dtype) if dtype is not None else array.dtype
-    if out_dtype == np.float16:  # not a NIfTI-1 type nibabel writes portably
-        out_dtype = np.dtype(np.float32)
-    if to_source_grid and volume.source is not None:
-        source = volume.source
-        data = volume.with_array(array).to_source_array()
+    out_dtype = _disk_dtype(array, dtype)
+    source = volume.source if to_source_grid else None
+    if source is not None:
+        data = volume.to_source_array()
+        if source.file_shape is not None and _same_but_singletons(data.shape, source.file_shape):
+            data = data.reshape(source.file_shape)  # e.g. a one-frame 4D file stays 4D
         header = source.header.copy() if source.header is not None else None
         affine = source.affine
     else:
         data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
         header, affine = None, volume.affine
-    image = nib.Nifti1Image(np.ascontiguousarray(data), affine, header=header)
-    image.header.set_data_dtype(out_dtype)
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(np.ascontiguousarray(data), affine, header=header, dtype=out_dtype)
+    image.header["cal_min"], image.header["cal_max"] = 0.0, 0.0  # display range of the source, stale now
     if np.issubdtype(out_dtype, np.floating) or out_dtype == data.dtype:
         image.header.set_slope_inter(1.0, 0.0)  # store values as they are, no rescaling
     with atomic_output(path, inputs=[volume.source_path, *protect]) as tmp:

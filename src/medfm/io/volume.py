@@ -107,6 +107,7 @@ class SourceGeometry:
         transform: How the source grid was reoriented to canonical.
         header: The NIfTI header of the source file (copied), or ``None``; writers reuse its codes and units.
         channel_axis_last: Whether the source stored channels as a trailing axis (a 4D/5D NIfTI).
+        file_shape: The voxel array's shape in the file, singleton axes included (``(X, Y, Z, 1)``...).
     """
 
     shape: tuple[int, int, int]
@@ -114,6 +115,7 @@ class SourceGeometry:
     transform: AxisTransform
     header: Any = None
     channel_axis_last: bool = False
+    file_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -98,7 +98,7 @@ class MedicalImageProcessor(BaseImageProcessor):
     Inputs are paths (NIfTI, DICOM file or series folder), :class:`~medfm.io.MedicalVolume` objects, or
     arrays ``(H, W)``, ``(D, H, W)``, ``(C, D, H, W)`` with ``spacing=(z, y, x)`` mm; or a list of them.
     Every image is first put in canonical orientation (through-plane axis first) and NaN voxels are
-    filled with their channel's minimum.
+    filled with their channel's minimum (0 for a channel that is all NaN).
 
     Args:
         steps: Step specs (dicts with a ``name``) or :class:`~medfm.processing.steps.Step` objects.
@@ -149,6 +149,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         tensor = torch.from_numpy(np.ascontiguousarray(volume.array)).to(torch.float32)
         if torch.isnan(tensor).any():
             floor = torch.nan_to_num(tensor, nan=float("inf")).amin(dim=(1, 2, 3), keepdim=True)
+            floor = torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)  # an all-NaN channel
             tensor = torch.where(torch.isnan(tensor), floor.expand_as(tensor), tensor)
         state = ProcessingState(tensor=tensor, affine=volume.affine.copy())
         for step in self.step_objects:

@@ -88,11 +88,23 @@ class Step(ABC):
         """Transform ``state`` in place."""
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+        """``{"name": ..., **fields}`` with plain Python values, ready for JSON."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"name": self.name, **values}
 
     def _fail(self, message: str) -> ProcessorConfigError:
         return ProcessorConfigError(f"step {self.name!r}: {message}")
+
+
+def _plain(value: Any) -> Any:
+    """NumPy/torch scalars and arrays, and tuples, as JSON-friendly Python values."""
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def step_from_dict(spec: dict[str, Any] | Step) -> Step:
