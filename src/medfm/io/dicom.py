@@ -27,7 +27,7 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from .orientation import canonical_transform
-from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities
+from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities, narrowest_signed_int
 
 __all__ = ["is_dicom_file", "read_dicom"]
 
@@ -93,7 +93,8 @@ def _pixel_data(path: str, rows: int, columns: int) -> tuple[np.ndarray, Any]:
     expected = (rows, columns) if samples == 1 else (rows, columns, samples)
     if tuple(pixels.shape) != expected:
         raise CorruptFileError(
-            f"pixel data has shape {tuple(pixels.shape)}; Rows, Columns and SamplesPerPixel say {expected}", path
+            f"pixel data has shape {tuple(pixels.shape)}; Rows, Columns and SamplesPerPixel say {expected}",
+            path,
         )
     return pixels, ds
 
@@ -106,17 +107,6 @@ def _rescaled(pixels: np.ndarray, ds: Any) -> np.ndarray:
     if slope.is_integer() and intercept.is_integer():
         return pixels.astype(np.int32) * int(slope) + int(intercept)
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-
-
-def _smallest_exact_dtype(array: np.ndarray) -> np.ndarray:
-    """Keep integer data integer, in int16 when the values fit (as CT in HU does)."""
-    if np.issubdtype(array.dtype, np.integer) and array.size:
-        lo, hi = int(array.min()), int(array.max())
-        for candidate in (np.int16, np.int32):
-            info = np.iinfo(candidate)
-            if info.min <= lo and hi <= info.max:
-                return array.astype(candidate, copy=False)
-    return array
 
 
 def _collect(folder: Path) -> tuple[list[_Slice], int]:
@@ -286,9 +276,7 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
     except MedfmError:
         raise
     except Exception as error:  # malformed values surface as many types (ValueError, TypeError, ...)
-        raise CorruptFileError(
-            f"unusable DICOM content ({type(error).__name__}: {error})", label
-        ) from error
+        raise CorruptFileError(f"unusable DICOM content ({type(error).__name__}: {error})", label) from error
 
 
 def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
@@ -315,8 +303,8 @@ def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
     if photometric == "MONOCHROME1":  # stored so that low values are bright: flip to the usual sense
         wide = stacked.astype(np.int32) if np.issubdtype(stacked.dtype, np.integer) else stacked
         stacked = wide.max() + wide.min() - wide
-    if np.issubdtype(stacked.dtype, np.integer):
-        stacked = _smallest_exact_dtype(stacked)
+    if np.issubdtype(stacked.dtype, np.integer):  # keep integers exact, in int16 when they fit (CT in HU)
+        stacked = stacked.astype(narrowest_signed_int(stacked) or stacked.dtype, copy=False)
     # Colour images: samples become channels.
     data = np.moveaxis(stacked, -1, 0) if stacked.ndim == 4 else stacked[None]
     check_intensities(data, label)

@@ -13,7 +13,14 @@ import numpy as np
 from ..errors import CorruptFileError, InvalidGeometryError, UnsupportedFormatError, VolumeShapeError
 from .atomic import atomic_output
 from .orientation import canonical_transform, choose_through_plane_axis
-from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities, spacing_from_affine
+from .volume import (
+    MedicalVolume,
+    SourceGeometry,
+    check_affine,
+    check_intensities,
+    narrowest_signed_int,
+    spacing_from_affine,
+)
 
 __all__ = ["NIFTI_SUFFIXES", "is_nifti_path", "read_nifti", "write_nifti"]
 
@@ -162,11 +169,8 @@ def _disk_dtype(array: np.ndarray, requested: np.dtype | str | None) -> np.dtype
         return np.dtype(np.uint8)
     if array.dtype == np.float16:
         return np.dtype(np.float32)
-    if array.dtype in (np.int64, np.uint64) and array.size:
-        low, high = int(array.min()), int(array.max())
-        for candidate in (np.int16, np.int32):
-            if np.iinfo(candidate).min <= low and high <= np.iinfo(candidate).max:
-                return np.dtype(candidate)
+    if array.dtype in (np.int64, np.uint64):
+        return narrowest_signed_int(array) or array.dtype
     return array.dtype
 
 

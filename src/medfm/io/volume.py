@@ -20,6 +20,7 @@ __all__ = [
     "affine_from_spacing",
     "check_affine",
     "check_intensities",
+    "narrowest_signed_int",
     "spacing_from_affine",
 ]
 
@@ -27,6 +28,17 @@ __all__ = [
 def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size along each array axis in mm (column norms of the affine's 3x3 part)."""
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def narrowest_signed_int(array: np.ndarray) -> np.dtype | None:
+    """int16 or int32, whichever is the narrowest to hold every value of an integer array; else ``None``."""
+    if not np.issubdtype(array.dtype, np.integer) or array.size == 0:
+        return None
+    low, high = int(array.min()), int(array.max())
+    for candidate in (np.int16, np.int32):
+        if np.iinfo(candidate).min <= low and high <= np.iinfo(candidate).max:
+            return np.dtype(candidate)
+    return None
 
 
 def affine_from_spacing(spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
