@@ -1,0 +1,18 @@
+"""Building blocks shared by medfm's model families (dimension-agnostic where that is natural)."""
+
+from .attention import eager_attention_forward, run_attention
+from .masking import random_visible_indices, visible_indices_from_mask
+from .mlp import SwiGLU
+from .position import resample_position_grid
+from .rope import Rope3D, apply_interleaved_rope
+
+__all__ = [
+    "Rope3D",
+    "SwiGLU",
+    "apply_interleaved_rope",
+    "eager_attention_forward",
+    "random_visible_indices",
+    "resample_position_grid",
+    "run_attention",
+    "visible_indices_from_mask",
+]

@@ -1,0 +1,1 @@
+"""medfm's model families."""

@@ -1,0 +1,773 @@
+"""SPAD-ViT (PUMIT): a spacing-adaptive 3D ViT and its heads.
+
+Luo et al., *Building Universal Foundation Models for Medical Image Analysis with Spatially Adaptive
+Networks*, arXiv 2312.07630. Module and parameter names follow the upstream code (``cls_token``,
+``pos_embed``, ``patch_embed.proj``, ``blocks.{i}``, ``norm``), so released checkpoints convert 1:1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ...layers import (
+    Rope3D,
+    SwiGLU,
+    apply_interleaved_rope,
+    random_visible_indices,
+    resample_position_grid,
+    run_attention,
+    visible_indices_from_mask,
+)
+from .configuration_spad import SpadViTConfig
+from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
+
+__all__ = [
+    "SpadViTForImageClassification",
+    "SpadViTForMaskedImageModeling",
+    "SpadViTForSemanticSegmentation",
+    "SpadViTMaskedImageModelingOutput",
+    "SpadViTModel",
+    "SpadViTPreTrainedModel",
+    "SpadViTSegmentationOutput",
+]
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpadViTMaskedImageModelingOutput(ModelOutput):
+    """Output of :class:`SpadViTForMaskedImageModeling`.
+
+    Attributes:
+        loss: Soft-target cross-entropy over masked tokens, when targets were available.
+        logits: ``(N_masked, codebook_size)`` predictions for the masked tokens, batch-major, token order.
+        bool_masked_pos: ``(B, L)`` mask that was used (True = masked).
+        target_logits: ``(B, L, codebook_size)`` tokenizer logits the targets came from, if computed.
+        hidden_states: As in :class:`SpadViTModel`, when asked.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    bool_masked_pos: torch.Tensor | None = None
+    target_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SpadViTSegmentationOutput(ModelOutput):
+    """Output of :class:`SpadViTForSemanticSegmentation`.
+
+    Attributes:
+        loss: Deep-supervised Dice + cross-entropy, when ``labels`` were given.
+        logits: ``(B, num_labels, D, H, W)`` at input resolution (``(B, K, H, W)`` for 4D inputs).
+        auxiliary_logits: Coarser decoder outputs (finest first), in training with deep supervision.
+        hidden_states: Backbone hidden states, when asked.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    auxiliary_logits: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# --- backbone ------------------------------------------------------------------------------------------
+
+
+class SpadViTPatchEmbed(nn.Module):
+    """Patch embedding: a SPAD-conv (adaptive, pre-trained) or an ordinary Conv3d (fixed ``patch_size``)."""
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__()
+        self.adaptive = config.adaptive_patch_embed
+        size = config.patch_size
+        if self.adaptive:
+            self.proj = SpadConv3d(config.in_channels, config.hidden_size, size[0], stride=size[0])
+        else:
+            self.proj = nn.Conv3d(config.in_channels, config.hidden_size, tuple(size), stride=tuple(size))
+
+    def patch_shape(self, aniso_d: int) -> tuple[int, int, int]:
+        """The effective ``(depth, height, width)`` patch for this anisotropy level."""
+        size = self.proj.kernel_size
+        if self.adaptive:
+            return (max(size[0] >> aniso_d, 1), size[1], size[2])
+        return tuple(size)  # type: ignore[return-value]
+
+    def forward(self, pixel_values: torch.Tensor, aniso_d: int) -> torch.Tensor:
+        patch = self.patch_shape(aniso_d)
+        if any(n % p for n, p in zip(pixel_values.shape[2:], patch)):
+            raise ValueError(
+                f"input size {tuple(pixel_values.shape[2:])} is not a multiple of the patch {patch} "
+                f"(aniso_d {aniso_d}); pad the input (e.g. a pad_to_multiple processor step)"
+            )
+        if self.adaptive:
+            return self.proj.spad_forward(pixel_values, aniso_d, 0)[0]
+        return self.proj(pixel_values)
+
+
+class SpadViTAttention(nn.Module):
+    """Multi-head self-attention with q/v biases (no k bias) and 3D RoPE on the patch tokens."""
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        # Separate parameters, as upstream (EVA-02) stores them; added after the projections so that
+        # adapters wrapping q_proj/v_proj still see plain Linear layers.
+        self.q_bias = nn.Parameter(torch.zeros(width)) if config.qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(width)) if config.qkv_bias else None
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.q_bias is not None:
+            query = query + self.q_bias
+            value = value + self.v_bias
+        heads = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = (t.view(heads).transpose(1, 2) for t in (query, key, value))
+        # RoPE on patch tokens only; token 0 is the cls token.
+        query = torch.cat(
+            [query[:, :, :1], apply_interleaved_rope(query[:, :, 1:], rope_cos, rope_sin)], dim=2
+        )
+        key = torch.cat([key[:, :, :1], apply_interleaved_rope(key[:, :, 1:], rope_cos, rope_sin)], dim=2)
+        output, _ = run_attention(
+            self,
+            query,
+            key,
+            value,
+            implementation=self.config._attn_implementation,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )
+        return self.proj(output.reshape(batch, length, -1))
+
+
+class SpadViTLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + attn(LN(x))``, then ``x + SwiGLU(LN(x))`` with the sub-LN."""
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = SpadViTAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, sub_norm_eps=config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope_cos, rope_sin)
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class SpadViTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, checkpointing and attention support shared by the SPAD-ViT classes."""
+
+    config_class = SpadViTConfig
+    config: SpadViTConfig
+    base_model_prefix = "spad_vit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SpadViTLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Conv3d | nn.ConvTranspose3d):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm3d):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, SpadViTAttention) and module.q_bias is not None:
+            nn.init.zeros_(module.q_bias)
+            nn.init.zeros_(module.v_bias)
+        elif isinstance(module, SpadViTModel):
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            nn.init.trunc_normal_(module.pos_embed, std=std)
+            if module.mask_token is not None:
+                nn.init.trunc_normal_(module.mask_token, std=std)
+
+    @staticmethod
+    def _as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if pixel_values.ndim == 4:  # (B, C, H, W): a 2D image is one slice
+            return pixel_values.unsqueeze(2), True
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values must be (B, C, D, H, W) or (B, C, H, W); got {tuple(pixel_values.shape)}"
+            )
+        return pixel_values, False
+
+
+class SpadViTModel(SpadViTPreTrainedModel):
+    r"""The SPAD-ViT backbone.
+
+    ``forward(pixel_values, spacing)`` takes ``(B, C, D, H, W)`` (or ``(B, C, H, W)`` for 2D images) and the
+    voxel spacing ``(z, y, x)`` mm, from which the anisotropy level ``aniso_d`` of the adaptive patch
+    embedding follows (``aniso_d`` may be given instead). It returns ``last_hidden_state`` (final norm
+    applied, cls token first), ``pooler_output`` (that cls token), and with ``output_hidden_states``:
+    ``hidden_states[0]``, the embeddings (patch + resampled position table, cls in front), and
+    ``hidden_states[i]``, the un-normalised output of block ``i - 1``.
+
+    Args:
+        config: The model configuration.
+        use_mask_token: Add the MIM ``mask_token`` (masked pre-training).
+    """
+
+    def __init__(self, config: SpadViTConfig, use_mask_token: bool = False):
+        super().__init__(config)
+        config.validate_architecture()
+        width = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, width, *config.pos_embed_shape))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if use_mask_token else None
+        self.patch_embed = SpadViTPatchEmbed(config)
+        self.rope = Rope3D(config.head_dim, config.rope_base, config.rope_rescale_shape)
+        self.blocks = nn.ModuleList([SpadViTLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def resolve_aniso_d(
+        self, pixel_values: torch.Tensor, spacing: torch.Tensor | None, aniso_d: int | None
+    ) -> int:
+        """``aniso_d`` if given, else from ``spacing``, else 5 for single-slice inputs (fixed patches need none)."""
+        if aniso_d is not None:
+            return int(aniso_d)
+        if spacing is not None:
+            return aniso_d_from_spacing(spacing, max_stride=self.config.patch_size[0])
+        if pixel_values.shape[2] == 1:
+            return TWO_D_ANISO_D
+        if not self.config.adaptive_patch_embed:
+            return 0
+        raise ValueError(
+            "an adaptive SPAD-ViT needs the voxel spacing of a 3D input: pass spacing=(z, y, x) mm "
+            "(the processor returns it) or aniso_d"
+        )
+
+    def embed(self, pixel_values: torch.Tensor, aniso_d: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patch tokens plus the position table resampled to the token grid: ``(B, N, E)`` and the grid."""
+        tokens = self.patch_embed(pixel_values, aniso_d)
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens + resample_position_grid(self.pos_embed, grid).to(tokens.dtype)
+        return tokens.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spacing: torch.Tensor | None = None,
+        aniso_d: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        visible_indices: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Args:
+            pixel_values: ``(B, C, D, H, W)`` or ``(B, C, H, W)``.
+            spacing: ``(3,)`` or ``(B, 3)`` voxel spacing ``(z, y, x)`` mm; one anisotropy level per batch.
+            aniso_d: Explicit anisotropy level, overriding ``spacing``.
+            bool_masked_pos: ``(B, L)`` True where a patch is replaced by ``mask_token`` (MIM).
+            visible_indices: ``(B, V)`` visible patch indices; the complement of ``bool_masked_pos``.
+            output_hidden_states: Return the embeddings and every block's output.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values, _ = self._as_volume(pixel_values)
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        level = self.resolve_aniso_d(pixel_values, spacing, aniso_d)
+        tokens, grid = self.embed(pixel_values, level)
+        batch, length, _ = tokens.shape
+
+        masked = self._mask(bool_masked_pos, visible_indices, batch, length, tokens.device)
+        if masked is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask_token; build it with use_mask_token=True for MIM")
+            tokens = torch.where(masked[..., None], self.mask_token.to(tokens.dtype), tokens)
+        hidden = torch.cat([self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens], dim=1)
+        rope_cos, rope_sin = self.rope(grid)
+
+        # With mask_layer_ids, the other blocks see only the cls and visible tokens (MAE-style).
+        partial = masked is not None and self.config.mask_layer_ids is not None
+        visible = visible_indices_from_mask(masked) if partial else None
+        all_hidden = [hidden] if output_hidden_states else None
+        for index, block in enumerate(self.blocks):
+            if partial and index not in self.config.mask_layer_ids:
+                hidden = self._visible_only(block, hidden, visible, rope_cos, rope_sin)
+            else:
+                hidden = block(hidden, rope_cos, rope_sin)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+
+        sequence = self.norm(hidden)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence,
+            pooler_output=sequence[:, 0],
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _mask(
+        bool_masked_pos: torch.Tensor | None,
+        visible_indices: torch.Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        if visible_indices is not None:
+            masked = torch.ones(batch, length, dtype=torch.bool, device=device)
+            masked.scatter_(1, visible_indices.to(device), False)
+            if bool_masked_pos is not None and not torch.equal(masked, bool_masked_pos.bool().to(device)):
+                raise ValueError("bool_masked_pos and visible_indices disagree; pass one of them")
+            return masked
+        if bool_masked_pos is None:
+            return None
+        if tuple(bool_masked_pos.shape) != (batch, length):
+            raise ValueError(
+                f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}; expected ({batch}, {length})"
+            )
+        return bool_masked_pos.bool().to(device)
+
+    @staticmethod
+    def _visible_only(
+        block: SpadViTLayer,
+        hidden: torch.Tensor,
+        visible: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        width = hidden.shape[-1]
+        token_index = (visible + 1)[..., None].expand(-1, -1, width)  # +1: skip cls
+        subset = torch.cat([hidden[:, :1], hidden.gather(1, token_index)], dim=1)
+        out = block(subset, rope_cos[visible], rope_sin[visible])  # each token keeps its own angles
+        return torch.cat(
+            [out[:, :1], hidden[:, 1:].scatter(1, visible[..., None].expand(-1, -1, width), out[:, 1:])],
+            dim=1,
+        )
+
+    def token_grid(self, input_shape: tuple[int, ...], aniso_d: int) -> tuple[int, int, int]:
+        """Token grid ``(D', H', W')`` for an input of spatial shape ``input_shape[-3:]``."""
+        patch = self.patch_embed.patch_shape(aniso_d)
+        return tuple(n // p for n, p in zip(input_shape[-3:], patch))  # type: ignore[return-value]
+
+
+# --- masked image modeling -----------------------------------------------------------------------------
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum softmax(target) * log_softmax(logits)`` (upstream's MIM loss)."""
+    return -(target_logits.float().softmax(-1) * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
+    r"""SPAD-ViT with the MIM head: predict the SPAD-VT tokenizer's soft token distributions at masked patches.
+
+    Targets are ``softmax(tokenizer_logits)`` at the masked positions (spec §c). They come either from a
+    frozen :class:`~medfm.models.spad.SpadVTModel` attached with :meth:`set_tokenizer` (run on
+    ``tokenizer_pixel_values``, the ``2x - 1`` image, with the same ``aniso_d``), or precomputed as
+    ``target_logits`` ``(B, L, codebook_size)``. The tokenizer is not saved with this model.
+
+    Args:
+        config: The model configuration.
+        tokenizer: Optional frozen tokenizer for the targets.
+    """
+
+    _keys_to_ignore_on_save = [r"tokenizer\..*"]
+    _keys_to_ignore_on_load_missing = [r"tokenizer\..*"]
+
+    def __init__(self, config: SpadViTConfig, tokenizer: nn.Module | None = None):
+        super().__init__(config)
+        self.spad_vit = SpadViTModel(config, use_mask_token=True)
+        self.mim_head = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.codebook_size),
+        )
+        self.tokenizer = None
+        self.post_init()
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Attach a tokenizer for the targets; it is frozen and kept in eval mode."""
+        codebook = tokenizer.config.codebook_size
+        if codebook != self.config.codebook_size:
+            raise ValueError(
+                f"tokenizer has {codebook} codes; the MIM head predicts {self.config.codebook_size}"
+            )
+        tokenizer.requires_grad_(False)
+        self.tokenizer = tokenizer.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spacing: torch.Tensor | None = None,
+        aniso_d: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        visible_indices: torch.Tensor | None = None,
+        tokenizer_pixel_values: torch.Tensor | None = None,
+        target_logits: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SpadViTMaskedImageModelingOutput | tuple:
+        r"""
+        Args:
+            pixel_values: ViT input (ImageNet-normalised in pre-training), ``(B, 3, D, H, W)``.
+            spacing, aniso_d: As in :class:`SpadViTModel`.
+            bool_masked_pos, visible_indices: The mask; when neither is given, a random one with
+                ``config.mask_ratio`` (uniform per sample, as upstream).
+            tokenizer_pixel_values: Tokenizer input (``2x - 1``) for the attached tokenizer.
+            target_logits: Precomputed tokenizer logits ``(B, L, K)``; used instead of the tokenizer.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        volume, _ = self._as_volume(pixel_values)
+        level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
+        grid = self.spad_vit.token_grid(volume.shape, level)
+        length = grid[0] * grid[1] * grid[2]
+        if bool_masked_pos is None and visible_indices is None:
+            visible_indices = random_visible_indices(
+                volume.shape[0], length, self.config.mask_ratio, device=volume.device
+            )
+        outputs = self.spad_vit(
+            volume,
+            aniso_d=level,
+            bool_masked_pos=bool_masked_pos,
+            visible_indices=visible_indices,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        masked = self.spad_vit._mask(bool_masked_pos, visible_indices, volume.shape[0], length, volume.device)
+        logits = self.mim_head(outputs.last_hidden_state[:, 1:][masked])
+
+        if target_logits is None and tokenizer_pixel_values is not None:
+            if self.tokenizer is None:
+                raise ValueError("tokenizer_pixel_values given but no tokenizer attached (set_tokenizer)")
+            with torch.no_grad():
+                target_logits = self.tokenizer.encode(tokenizer_pixel_values, aniso_d=level).logits.flatten(
+                    1, 3
+                )
+        loss = None
+        if target_logits is not None:
+            if tuple(target_logits.shape[:2]) != (volume.shape[0], length):
+                raise ValueError(
+                    f"target_logits {tuple(target_logits.shape)} do not match {length} tokens per sample"
+                )
+            loss = soft_target_cross_entropy(logits, target_logits[masked])
+        output = SpadViTMaskedImageModelingOutput(
+            loss=loss,
+            logits=logits,
+            bool_masked_pos=masked,
+            target_logits=target_logits,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# --- classification ------------------------------------------------------------------------------------
+
+
+class SpadViTForImageClassification(SpadViTPreTrainedModel):
+    """SPAD-ViT with a linear head on the final-normalised cls token (upstream's MedMNIST recipe)."""
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__(config)
+        self.spad_vit = SpadViTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spacing: torch.Tensor | None = None,
+        aniso_d: int | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            labels: ``(B,)`` class indices (cross-entropy), ``(B, num_labels)`` floats for
+                ``problem_type="multi_label_classification"`` (BCE), or values for regression (MSE).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.spad_vit(
+            pixel_values,
+            spacing=spacing,
+            aniso_d=aniso_d,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+def _classification_loss(config: SpadViTConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return (
+            F.mse_loss(logits.squeeze(-1), labels.float().view(-1))
+            if config.num_labels == 1
+            else F.mse_loss(logits, labels.float())
+        )
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits, labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+# --- segmentation --------------------------------------------------------------------------------------
+
+
+def _depth_factor(patch_depth: int, level: int) -> int:
+    """Upstream's depth factor ``f(l) = 1 if a >= l else 2`` with ``a = log2(16 // patch_depth)``.
+
+    A single-slice patch (a 2D model) never scales depth; upstream only ran that case for classification.
+    """
+    if patch_depth == 1:
+        return 1
+    a = max(0, (16 // patch_depth).bit_length() - 1)
+    return 1 if a >= level else 2
+
+
+class SpadViTFeaturePyramid(nn.Module):
+    """Upstream's ``SimpleViTAdapter`` taps: InstanceNorm per tap, then a simple feature pyramid.
+
+    Level 0 is upsampled x4 in-plane (two transposed convs), level 1 x2, level 2 kept, level 3 max-pooled;
+    depth factors follow the patch depth (spec §e).
+    """
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__()
+        width, depth = config.hidden_size, config.patch_size[0]
+        f3, f4, f5 = (_depth_factor(depth, level) for level in (3, 4, 5))
+        self.norms = nn.ModuleList([nn.InstanceNorm3d(width, affine=True) for _ in range(4)])
+        self.fpn = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.ConvTranspose3d(width, width, (f4, 2, 2), stride=(f4, 2, 2)),
+                    nn.InstanceNorm3d(width, affine=True),
+                    nn.GELU(),
+                    nn.ConvTranspose3d(width, width, (f3, 2, 2), stride=(f3, 2, 2)),
+                ),
+                nn.ConvTranspose3d(width, width, (f4, 2, 2), stride=(f4, 2, 2)),
+                nn.Identity(),
+                nn.MaxPool3d((f5, 2, 2), stride=(f5, 2, 2)),
+            ]
+        )
+        # Strides of the four levels relative to the input, and between consecutive levels.
+        patch = config.patch_size
+        self.level_strides = [
+            (patch[0] // (f4 * f3), patch[1] // 4, patch[2] // 4),
+            (patch[0] // f4, patch[1] // 2, patch[2] // 2),
+            tuple(patch),
+            (patch[0] * f5, patch[1] * 2, patch[2] * 2),
+        ]
+
+    def forward(self, taps: list[torch.Tensor], grid: tuple[int, int, int]) -> list[torch.Tensor]:
+        features = []
+        for tap, norm, fpn in zip(taps, self.norms, self.fpn):
+            volume = tap[:, 1:].transpose(1, 2).unflatten(2, grid)  # drop cls, (B, E, D', H', W')
+            features.append(fpn(norm(volume)))
+        return features
+
+
+def _conv_norm_act(
+    in_channels: int, out_channels: int, kernel: tuple[int, int, int], stride=1
+) -> nn.Sequential:
+    padding = tuple(k // 2 for k in kernel)
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False),
+        nn.InstanceNorm3d(out_channels),
+        nn.LeakyReLU(0.01),
+    )
+
+
+class _UpStep(nn.Module):
+    """Transposed-conv upsampling, concatenation with a skip, then two conv-norm-act layers."""
+
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, factor: tuple[int, ...], kernel
+    ):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, factor, stride=factor)
+        self.convs = nn.Sequential(
+            _conv_norm_act(out_channels + skip_channels, out_channels, kernel),
+            _conv_norm_act(out_channels, out_channels, kernel),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(torch.cat([self.up(x), skip], dim=1))
+
+
+def _ratio(fine: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(c // f for f, c in zip(fine, coarse))  # type: ignore[return-value]
+
+
+class SpadViTUNetDecoder(nn.Module):
+    """UNet-style decoder on the four pyramid levels plus a full-resolution branch on the raw input (spec §e).
+
+    Heads (1x1x1 convs) sit on the full-resolution, half-resolution, level-0 and level-1 maps; head 0 is the
+    prediction, the others deep supervision.
+    """
+
+    def __init__(self, config: SpadViTConfig, level_strides: list[tuple[int, ...]]):
+        super().__init__()
+        lateral = config.decoder_lateral_channels
+        full, half = config.decoder_full_res_channels
+        self.laterals = nn.ModuleList([_conv_norm_act(config.hidden_size, c, (1, 1, 1)) for c in lateral])
+        self.up_steps = nn.ModuleList(
+            [
+                _UpStep(
+                    lateral[i + 1],
+                    lateral[i],
+                    lateral[i],
+                    _ratio(level_strides[i], level_strides[i + 1]),
+                    (3, 3, 3),
+                )
+                for i in (2, 1, 0)
+            ]
+        )
+        depth0 = level_strides[0][0]
+        half_depth = max(depth0 // 2, 1)
+        self.full_res = _conv_norm_act(config.in_channels, full, (1, 3, 3))
+        self.half_res = _conv_norm_act(full, half, (1, 3, 3), stride=(half_depth, 2, 2))
+        factor_to_half = (depth0 // half_depth, level_strides[0][1] // 2, level_strides[0][2] // 2)
+        self.up_to_half = _UpStep(lateral[0], half, half, factor_to_half, (1, 3, 3))
+        self.up_to_full = _UpStep(half, full, full, (half_depth, 2, 2), (1, 3, 3))
+        self.heads = nn.ModuleList(
+            [nn.Conv3d(c, config.num_labels, 1) for c in (full, half, lateral[0], lateral[1])]
+        )
+
+    def forward(self, pixel_values: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        laterals = [lateral(f) for lateral, f in zip(self.laterals, features)]
+        x = laterals[3]
+        level_maps = {}
+        for step, skip_index in zip(self.up_steps, (2, 1, 0)):
+            x = step(x, laterals[skip_index])
+            level_maps[skip_index] = x
+        full = self.full_res(pixel_values)
+        half = self.half_res(full)
+        half_map = self.up_to_half(level_maps[0], half)
+        full_map = self.up_to_full(half_map, full)
+        maps = [full_map, half_map, level_maps[0], level_maps[1]]
+        return [head(m) for head, m in zip(self.heads, maps)]
+
+
+class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
+    r"""SPAD-ViT segmentation: the adapter taps (InstanceNorm + feature pyramid) and a UNet-style decoder.
+
+    Upstream fine-tunes with a fixed patch (``patch_size=(4, 16, 16)``, ``adaptive_patch_embed=False``);
+    loading a pre-trained checkpoint into such a config converts the weights as upstream does (see
+    :mod:`medfm.models.spad.convert_spad`). ``num_labels`` counts the background.
+    """
+
+    def __init__(self, config: SpadViTConfig):
+        super().__init__(config)
+        self.spad_vit = SpadViTModel(config)
+        self.pyramid = SpadViTFeaturePyramid(config)
+        self.decoder = SpadViTUNetDecoder(config, self.pyramid.level_strides)
+        self.post_init()
+
+    def extract_features(
+        self, pixel_values: torch.Tensor, spacing: torch.Tensor | None = None, aniso_d: int | None = None
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The four pyramid features and the backbone's hidden states."""
+        volume, _ = self._as_volume(pixel_values)
+        level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
+        outputs = self.spad_vit(volume, aniso_d=level, output_hidden_states=True, return_dict=True)
+        taps = [outputs.hidden_states[i + 1] for i in self.config.out_indices]
+        grid = self.spad_vit.token_grid(volume.shape, level)
+        return self.pyramid(taps, grid), outputs.hidden_states
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spacing: torch.Tensor | None = None,
+        aniso_d: int | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SpadViTSegmentationOutput | tuple:
+        r"""
+        Args:
+            labels: ``(B, D, H, W)`` (or ``(B, H, W)``) class indices for the deep-supervised Dice + CE loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        volume, is_2d = self._as_volume(pixel_values)
+        features, hidden_states = self.extract_features(volume, spacing, aniso_d)
+        outputs = self.decoder(volume.to(features[0].dtype), features)
+        logits = outputs[0]
+        loss = None
+        if labels is not None:
+            loss = _deep_supervision_loss(
+                outputs, labels.unsqueeze(1) if is_2d else labels, self.config.num_labels
+            )
+        auxiliary = tuple(outputs[1:]) if self.training and self.config.deep_supervision else None
+        output = SpadViTSegmentationOutput(
+            loss=loss,
+            logits=logits[:, :, 0] if is_2d else logits,
+            auxiliary_logits=auxiliary,
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _deep_supervision_loss(
+    outputs: list[torch.Tensor], labels: torch.Tensor, num_labels: int
+) -> torch.Tensor:
+    """Dice + CE (softmax, one-hot, background included) on every head, logits upsampled trilinearly to the
+    label size, weights proportional to 0.5^i and normalised."""
+    from monai.losses import DiceCELoss
+
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    weights = torch.tensor([0.5**i for i in range(len(outputs))])
+    weights = weights / weights.sum()
+    target = labels.long().unsqueeze(1)
+    total = outputs[0].new_zeros(())
+    for weight, logits in zip(weights.tolist(), outputs):
+        if logits.shape[2:] != target.shape[2:]:
+            logits = F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)
+        total = total + weight * criterion(logits.float(), target)
+    return total
