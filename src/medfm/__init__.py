@@ -1,7 +1,7 @@
 """medfm: medical-imaging foundation models as first-class Hugging Face citizens.
 
-``import medfm`` registers medfm's processors (and, as families land, configs, models and pipelines)
-with transformers' Auto classes, so ``AutoImageProcessor.from_pretrained`` resolves them.
+``import medfm`` registers medfm's configs, models and processors with transformers' Auto classes, so
+``AutoModel.from_pretrained`` and ``AutoImageProcessor.from_pretrained`` resolve them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from transformers import AutoImageProcessor
 
 from . import errors
 from .io import MedicalVolume, load_volume, write_nifti
+from .models.registry import register_all
 from .processing import MedicalImageProcessor
 
 __version__ = "0.1.0.dev0"
@@ -28,6 +29,7 @@ def _register() -> None:
         image_processor_classes={"pil": MedicalImageProcessor, "torchvision": MedicalImageProcessor},
         exist_ok=True,
     )
+    register_all()
 
 
 _register()

@@ -31,33 +31,43 @@ class Rope3D(nn.Module):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"3D RoPE needs head_dim divisible by 4; got {head_dim}")
-        half = head_dim // 2
-        quarter = torch.arange(half // 2, dtype=torch.float64)
-        depth = float(bases[0]) ** (-(2 * quarter + 1) / half)
-        self.register_buffer("freq_depth", torch.cat([depth, depth]).float(), persistent=False)
-        self.register_buffer(
-            "freq_height", (float(bases[1]) ** (-(2 * quarter) / half)).float(), persistent=False
-        )
-        self.register_buffer(
-            "freq_width", (float(bases[2]) ** (-(2 * quarter) / half)).float(), persistent=False
-        )
+        self.head_dim = head_dim
+        self.bases = tuple(float(b) for b in bases)
         self.rescale_shape = tuple(int(r) for r in rescale_shape)
 
-    def angles(self, grid: Sequence[int]) -> torch.Tensor:
+    def frequencies(
+        self, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Depth ``(h2,)``, height ``(h2/2,)`` and width ``(h2/2,)`` frequencies.
+
+        Computed on the fly (a few numbers) rather than kept as buffers, so they are always right whatever
+        device or loading path built the module.
+        """
+        half = self.head_dim // 2
+        quarter = torch.arange(half // 2, dtype=torch.float64)
+        depth = self.bases[0] ** (-(2 * quarter + 1) / half)
+        height = self.bases[1] ** (-(2 * quarter) / half)
+        width = self.bases[2] ** (-(2 * quarter) / half)
+        return tuple(
+            f.to(device=device, dtype=torch.float32) for f in (torch.cat([depth, depth]), height, width)
+        )
+
+    def angles(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """``(D'H'W', head_dim / 2)`` angles, tokens in ``(d, h, w)`` row-major order."""
-        device = self.freq_depth.device
+        freq_depth, freq_height, freq_width = self.frequencies(device)
         axes = []
         for n, rescale in zip(grid, self.rescale_shape):
             index = torch.arange(n, device=device, dtype=torch.float32)
             axes.append(index * rescale / n if rescale > 0 else index)
         d, h, w = torch.meshgrid(*axes, indexing="ij")
         d, h, w = d.reshape(-1, 1), h.reshape(-1, 1), w.reshape(-1, 1)
-        in_plane = torch.cat([h * self.freq_height, w * self.freq_width], dim=-1)
-        return d * self.freq_depth + in_plane
+        return d * freq_depth + torch.cat([h * freq_height, w * freq_width], dim=-1)
 
-    def forward(self, grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, grid: Sequence[int], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of :meth:`angles`."""
-        theta = self.angles(grid)
+        theta = self.angles(grid, device)
         return theta.cos(), theta.sin()
 
 

@@ -107,7 +107,7 @@ class MedicalImageProcessor(BaseImageProcessor):
         allow_multichannel: Read a 4D NIfTI's 4th axis as channels (multi-sequence MR).
     """
 
-    model_input_names = ["pixel_values", "spacing"]  # noqa: RUF012 (transformers' class attribute)
+    model_input_names = ["pixel_values", "spacing"]
     valid_kwargs = MedicalImageProcessorKwargs
 
     def __init__(

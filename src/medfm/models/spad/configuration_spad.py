@@ -18,6 +18,12 @@ def _three(value: int | list[int] | tuple[int, ...], name: str) -> list[int]:
     return values
 
 
+def default_out_indices(depth: int) -> list[int]:
+    """The blocks upstream's segmentation adapter taps for a ViT of ``depth`` blocks."""
+    known = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
+    return known.get(depth, [max(round((i + 1) * depth / 4) - 1, 0) for i in range(4)])
+
+
 @strict
 class SpadViTConfig(PreTrainedConfig):
     r"""Configuration of a SPAD-ViT (:class:`~medfm.models.spad.SpadViTModel` and its heads).
@@ -46,7 +52,8 @@ class SpadViTConfig(PreTrainedConfig):
         codebook_size: Size of the SPAD-VT codebook the MIM head predicts over.
         initializer_range: Std of the truncated normal used to initialise new weights.
         attention_dropout: Dropout on attention weights while training.
-        out_indices: Blocks whose outputs the segmentation adapter taps.
+        out_indices: Blocks whose outputs the segmentation adapter taps; by default upstream's
+            ``[3, 5, 7, 11]`` (B) or ``[7, 11, 15, 23]`` (L), else four evenly spread blocks.
         decoder_lateral_channels: Widths of the UNet decoder's four lateral levels (fine to coarse).
         decoder_full_res_channels: Widths of the decoder's two full-resolution levels.
         deep_supervision: Whether training returns the coarser decoder outputs too.
@@ -71,7 +78,7 @@ class SpadViTConfig(PreTrainedConfig):
     codebook_size: int = 1024
     initializer_range: float = 0.02
     attention_dropout: float = 0.0
-    out_indices: list[int] | tuple[int, ...] = (3, 5, 7, 11)
+    out_indices: list[int] | tuple[int, ...] | None = None
     decoder_lateral_channels: list[int] | tuple[int, ...] = (128, 256, 512, 512)
     decoder_full_res_channels: list[int] | tuple[int, ...] = (32, 64)
     deep_supervision: bool = True
@@ -81,6 +88,8 @@ class SpadViTConfig(PreTrainedConfig):
         self.pos_embed_shape = _three(self.pos_embed_shape, "pos_embed_shape")
         self.rope_base = [float(b) for b in self.rope_base]
         self.rope_rescale_shape = [int(r) for r in self.rope_rescale_shape]
+        if self.out_indices is None:
+            self.out_indices = default_out_indices(self.num_hidden_layers)
         self.out_indices = [int(i) for i in self.out_indices]
         self.decoder_lateral_channels = [int(c) for c in self.decoder_lateral_channels]
         self.decoder_full_res_channels = [int(c) for c in self.decoder_full_res_channels]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -189,26 +190,28 @@ class SpadViTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SpadViTLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # A pre-trained (MIM) checkpoint carries these; every other head skips them, as upstream does.
+    _keys_to_ignore_on_load_unexpected = [r"mask_token$", r"mim_head\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear | nn.Conv3d | nn.ConvTranspose3d):
-            nn.init.trunc_normal_(module.weight, std=std)
+            init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm3d):
             if module.weight is not None:
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
         elif isinstance(module, SpadViTAttention) and module.q_bias is not None:
-            nn.init.zeros_(module.q_bias)
-            nn.init.zeros_(module.v_bias)
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
         elif isinstance(module, SpadViTModel):
-            nn.init.trunc_normal_(module.cls_token, std=std)
-            nn.init.trunc_normal_(module.pos_embed, std=std)
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.pos_embed, std=std)
             if module.mask_token is not None:
-                nn.init.trunc_normal_(module.mask_token, std=std)
+                init.trunc_normal_(module.mask_token, std=std)
 
     @staticmethod
     def _as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -309,7 +312,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
                 raise ValueError("this model has no mask_token; build it with use_mask_token=True for MIM")
             tokens = torch.where(masked[..., None], self.mask_token.to(tokens.dtype), tokens)
         hidden = torch.cat([self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens], dim=1)
-        rope_cos, rope_sin = self.rope(grid)
+        rope_cos, rope_sin = self.rope(grid, device=hidden.device)
 
         # With mask_layer_ids, the other blocks see only the cls and visible tokens (MAE-style).
         partial = masked is not None and self.config.mask_layer_ids is not None

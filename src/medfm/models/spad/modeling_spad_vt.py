@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -114,16 +115,16 @@ class SpadVTPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=self.config.initializer_range)
-            nn.init.zeros_(module.bias)
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="leaky_relu", a=0.01)
-            nn.init.zeros_(module.bias)
+            init.kaiming_normal_(module.weight, nonlinearity="leaky_relu", a=0.01)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm | nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=1.0 / module.weight.shape[1] ** 0.5)
+            init.normal_(module.weight, std=1.0 / module.weight.shape[1] ** 0.5)
 
 
 class SpadVTModel(SpadVTPreTrainedModel):

@@ -45,7 +45,7 @@ def aniso_d_from_spacing(spacing: torch.Tensor | list | tuple, max_stride: int =
     if values.numel() == 0 or bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
         raise ValueError(f"spacing must be finite and positive (z, y, x) mm; got {values.tolist()}")
     ratio = (values[:, 0] / values[:, 1:].min(dim=1).values).clamp(1.0, 2.0 * max_stride)
-    levels = {int(math.floor(r)).bit_length() - 1 for r in ratio.tolist()}
+    levels = {math.floor(r).bit_length() - 1 for r in ratio.tolist()}
     if len(levels) > 1:
         raise ValueError(
             f"samples of one batch have different anisotropy levels {sorted(levels)} (spacing {values.tolist()}); "

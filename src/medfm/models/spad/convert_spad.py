@@ -1,0 +1,387 @@
+"""Converting PUMIT checkpoints to medfm, and adapting pre-trained weights at load time.
+
+Two things live here:
+
+* **Load-time adaptation** (spec §b, "Non-adaptive use"): a pre-trained SPAD-ViT has a ``(E, 3, 16, 16, 16)``
+  adaptive patch kernel and a ``(5, 10, 10)`` position table. Loading it into a config with a fixed
+  ``patch_size``, other ``in_channels`` or another ``pos_embed_shape`` sums depth taps, folds input channels
+  and resamples the table exactly as upstream does, through transformers' weight-conversion hooks, so
+  ``SpadViTForSemanticSegmentation.from_pretrained(path, patch_size=(4, 16, 16), in_channels=1, ...)`` works.
+* **Checkpoint conversion**: reading an upstream Lightning/Fabric checkpoint (or a plain state dict),
+  inferring the config from tensor shapes, and writing a folder ``AutoModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
+
+from ...errors import CorruptFileError, UnsupportedFormatError, VolumeNotFoundError
+from ...layers import resample_position_grid
+from .configuration_spad import SpadViTConfig, SpadVTConfig
+from .spad_conv import merge_depth_taps
+
+__all__ = [
+    "adapt_patch_embedding",
+    "convert_spad_checkpoint",
+    "convert_tokenizer_state_dict",
+    "convert_vit_state_dict",
+    "infer_tokenizer_config",
+    "infer_vit_config",
+    "load_original_state_dict",
+    "register_spad_weight_adaptation",
+]
+
+#: Upstream keys that only the MIM pre-training model has.
+MIM_ONLY_PREFIXES = ("mask_token", "mim_head.")
+# Buffers upstream may carry that are recomputed here.
+_DROPPED = re.compile(r"^(tokenizer\.|rope\.|input_norm_)")
+
+
+# --- load-time adaptation --------------------------------------------------------------------------
+
+
+def adapt_patch_embedding(weight: torch.Tensor, patch_size: list[int], in_channels: int) -> torch.Tensor:
+    """Upstream's conversion of an adaptive ``(E, C, P, P, P)`` patch kernel to a fixed patch and channel count.
+
+    Depth taps are summed into ``patch_size[0]`` groups; for another channel count the kernel is summed over
+    its channels, divided by the new count and repeated (``c = 1``: the plain sum of the RGB kernels).
+    """
+    if tuple(weight.shape[3:]) != tuple(patch_size[1:]):
+        raise ValueError(
+            f"cannot adapt a patch kernel of in-plane size {tuple(weight.shape[3:])} to {tuple(patch_size[1:])}"
+        )
+    weight = merge_depth_taps(weight, patch_size[0])
+    if weight.shape[1] != in_channels:
+        weight = (weight.sum(dim=1, keepdim=True) / in_channels).repeat(1, in_channels, 1, 1, 1)
+    return weight
+
+
+def _single(input_dict: dict[str, Any]) -> torch.Tensor:
+    (value,) = input_dict.values()
+    return value[0] if isinstance(value, list) else value
+
+
+class _KeepAsSaved(ConversionOps):
+    """Saving writes adapted weights as they are (the adaptation cannot, and need not, be undone)."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        return {target_patterns[0]: _single(input_dict)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+class AdaptPatchEmbedding(ConversionOps):
+    """Weight-loading op: :func:`adapt_patch_embedding` to the target config (a no-op when shapes agree)."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        weight = _single(input_dict)
+        target = (config.hidden_size, config.in_channels, *config.patch_size)
+        if tuple(weight.shape) != target and config is not None:
+            weight = adapt_patch_embedding(weight, config.patch_size, config.in_channels)
+        return {target_patterns[0]: weight}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _KeepAsSaved()
+
+
+class ResamplePositionTable(ConversionOps):
+    """Weight-loading op: resample ``pos_embed`` to ``config.pos_embed_shape`` (area down, then trilinear up)."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        table = _single(input_dict)
+        if config is not None and list(table.shape[2:]) != list(config.pos_embed_shape):
+            table = resample_position_grid(table, config.pos_embed_shape)
+        return {target_patterns[0]: table}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return _KeepAsSaved()
+
+
+def register_spad_weight_adaptation() -> None:
+    """Hook the adaptation into ``from_pretrained`` for every ``spad_vit`` model (idempotent)."""
+    register_checkpoint_conversion_mapping(
+        "spad_vit",
+        [
+            WeightConverter("patch_embed.proj.weight", "patch_embed.proj.weight", [AdaptPatchEmbedding()]),
+            WeightConverter("pos_embed", "pos_embed", [ResamplePositionTable()]),
+        ],
+        overwrite=True,
+    )
+
+
+# --- reading original checkpoints -------------------------------------------------------------------
+
+
+def _safe_globals() -> list[Any]:
+    """Types a Lightning/Fabric checkpoint stores besides tensors, allowed for ``weights_only`` loading."""
+    import collections
+    import pathlib
+
+    allowed: list[Any] = [
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePosixPath,
+        collections.defaultdict,
+    ]
+    try:
+        import argparse
+
+        allowed.append(argparse.Namespace)
+    except ImportError:  # pragma: no cover - always present
+        pass
+    return allowed
+
+
+def load_original_state_dict(
+    path: str | os.PathLike, trust_checkpoint: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read the weights of an upstream checkpoint.
+
+    Accepts a Lightning checkpoint (``state_dict``), a Fabric tokenizer checkpoint (``model``), or a plain
+    state dict, as ``.ckpt``/``.pth``/``.pt`` (read with ``torch.load(weights_only=True)`` plus a few allowed
+    types) or ``.safetensors``. A ``module.`` prefix (DDP) is stripped.
+
+    Args:
+        path: The file.
+        trust_checkpoint: Allow full unpickling for a file you trust whose extra metadata needs types
+            outside the allow-list. Never needed for the weights themselves.
+
+    Raises:
+        VolumeNotFoundError: No such file.
+        UnsupportedFormatError: Unknown extension, or no state dict inside.
+        CorruptFileError: The file cannot be read (the message says how to proceed for unknown types).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeNotFoundError("no such checkpoint file", path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix not in (".ckpt", ".pth", ".pt", ".bin"):
+        raise UnsupportedFormatError("expected a .ckpt, .pth, .pt, .bin or .safetensors checkpoint", path)
+    try:
+        if trust_checkpoint:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_safe_globals()):
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        hint = ""
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            hint = "; it stores types outside the allow-list: pass trust_checkpoint=True (--trust-checkpoint) for a file you trust"
+        raise CorruptFileError(
+            f"cannot read the checkpoint ({type(error).__name__}: {error}){hint}", path
+        ) from error
+    state = payload
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model", "module"):
+            if isinstance(payload.get(key), dict):
+                state = payload[key]
+                break
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise UnsupportedFormatError(
+            "no state dict of tensors found (looked at the file, 'state_dict', 'model')", path
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# --- key mapping and config inference ----------------------------------------------------------------
+
+
+def convert_vit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream ``ViTForMIM``/``ViT`` keys to :class:`SpadViTForMaskedImageModeling` keys.
+
+    The backbone and ``mask_token`` move under ``spad_vit.``; ``mim_head.*`` stays; tokenizer weights and
+    recomputed buffers are dropped.
+    """
+    converted = {}
+    for key, value in state.items():
+        if _DROPPED.match(key):
+            continue
+        converted[key if key.startswith("mim_head.") else f"spad_vit.{key}"] = value.contiguous()
+    return converted
+
+
+def convert_tokenizer_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream ``SimpleVQTokenizer`` keys to :class:`SpadVTModel` keys (the encoder LayerNorms lose a level)."""
+    return {re.sub(r"^encoder\.(\d+)\.1\.", r"encoder.\1.", k): v.contiguous() for k, v in state.items()}
+
+
+def _heads_for(width: int) -> int | None:
+    return {768: 12, 1024: 16, 384: 6, 192: 3}.get(width)
+
+
+def infer_vit_config(
+    state: dict[str, torch.Tensor], overrides: dict[str, Any] | None = None
+) -> SpadViTConfig:
+    """A :class:`SpadViTConfig` from upstream tensor shapes; ``overrides`` supply what shapes cannot tell.
+
+    Raises:
+        ValueError: The number of heads cannot be inferred and is not in ``overrides``.
+    """
+    overrides = dict(overrides or {})
+    patch = state["patch_embed.proj.weight"]
+    width = int(state["cls_token"].shape[-1])
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    inferred: dict[str, Any] = {
+        "hidden_size": width,
+        "in_channels": int(patch.shape[1]),
+        "num_hidden_layers": depth,
+        "intermediate_size": int(state["blocks.0.mlp.w1.weight"].shape[0]),
+        "pos_embed_shape": list(state["pos_embed"].shape[2:]),
+        "qkv_bias": "blocks.0.attn.q_bias" in state,
+    }
+    kernel = list(patch.shape[2:])
+    inferred["patch_size"] = kernel
+    inferred["adaptive_patch_embed"] = kernel[0] == kernel[1] == kernel[2]
+    if "mim_head.2.weight" in state:
+        inferred["codebook_size"] = int(state["mim_head.2.weight"].shape[0])
+    heads = overrides.get("num_attention_heads", _heads_for(width))
+    if heads is None:
+        raise ValueError(
+            f"cannot infer the number of attention heads for width {width}; pass it in the config overrides "
+            "(e.g. --config '{\"num_attention_heads\": 4}')"
+        )
+    inferred["num_attention_heads"] = heads
+    if depth == 24 and "mask_layer_ids" not in overrides:
+        inferred["mask_layer_ids"] = list(range(18, 24))
+    inferred.update(overrides)
+    return SpadViTConfig(**inferred)
+
+
+def infer_tokenizer_config(
+    state: dict[str, torch.Tensor], overrides: dict[str, Any] | None = None
+) -> SpadVTConfig:
+    """A :class:`SpadVTConfig` from (converted) tokenizer tensor shapes."""
+    first = state["encoder.0.weight"]
+    # Encoder downsampling convs sit at 0, 3, 6, ... (conv, norm, activation) until the first 3x3x3 conv.
+    down = []
+    for index in range(0, 3 * 16, 3):
+        weight = state.get(f"encoder.{index}.weight")
+        if weight is None or weight.shape[-1] == 3:
+            break
+        down.append(int(weight.shape[0]))
+    # Decoder up-blocks go from the coarsest width down; the last transposed conv starts at the finest.
+    blocks = sorted(
+        (int(m.group(1)), v)
+        for k, v in state.items()
+        if (m := re.match(r"decoder\.(\d+)\.transposed_conv\.weight$", k))
+    )
+    last = max(int(m.group(1)) for k in state if (m := re.match(r"decoder\.(\d+)\.weight$", k)))
+    up = [int(state[f"decoder.{last}.weight"].shape[0])] + [int(w.shape[0]) for _, w in reversed(blocks)]
+    config: dict[str, Any] = {
+        "in_channels": int(first.shape[1]),
+        "start_stride": int(first.shape[-1]),
+        "downsample_channels": down,
+        "upsample_channels": up,
+        "codebook_size": int(state["quantize.embedding.weight"].shape[0]),
+        "embedding_dim": int(state["quantize.embedding.weight"].shape[1]),
+    }
+    config.update(overrides or {})
+    return SpadVTConfig(**config)
+
+
+# --- the conversion -------------------------------------------------------------------------------------
+
+
+def convert_spad_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+) -> Path:
+    """Convert an upstream SPAD-ViT checkpoint (and optionally the SPAD-VT tokenizer) to a medfm folder.
+
+    Writes ``config.json``, ``model.safetensors``, ``preprocessor_config.json`` and a ``README.md`` model
+    card to ``output``; the tokenizer goes to ``output/tokenizer`` (load it with
+    ``SpadVTModel.from_pretrained(output, subfolder="tokenizer")``). A checkpoint with the MIM head is
+    written as :class:`SpadViTForMaskedImageModeling` (``AutoModel`` loads its backbone).
+
+    Args:
+        checkpoint: Upstream ViT checkpoint (``pumit-b.ckpt``), ``.pth`` or ``.safetensors`` state dict.
+        output: Output folder (created).
+        tokenizer: Upstream tokenizer checkpoint (``simple-soft.ckpt``).
+        config_overrides: Config fields shapes cannot tell (``num_attention_heads`` for unusual widths...).
+        trust_checkpoint: See :func:`load_original_state_dict`.
+
+    Returns:
+        The output folder.
+    """
+    from ...hub import write_model_card
+    from ...processing import MedicalImageProcessor
+    from .modeling_spad import SpadViTForMaskedImageModeling, SpadViTModel
+    from .modeling_spad_vt import SpadVTModel
+
+    output = Path(output)
+    original = load_original_state_dict(checkpoint, trust_checkpoint=trust_checkpoint)
+    if "patch_embed.proj.weight" not in original:
+        raise UnsupportedFormatError("not a SPAD-ViT checkpoint (no patch_embed.proj.weight)", checkpoint)
+    config = infer_vit_config(original, config_overrides)
+    has_mim_head = any(k.startswith(MIM_ONLY_PREFIXES) for k in original)
+    model_class = SpadViTForMaskedImageModeling if has_mim_head else SpadViTModel
+    state = convert_vit_state_dict(original)
+    if not has_mim_head:
+        state = {k.removeprefix("spad_vit."): v for k, v in state.items()}
+    model = _load_strict(model_class(config), state, checkpoint)
+    model.save_pretrained(output)
+    MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(output)
+    write_model_card(
+        "spad-vit-base", output, base_model=None, extra={"source_checkpoint": Path(checkpoint).name}
+    )
+    if tokenizer is not None:
+        tokenizer_state = convert_tokenizer_state_dict(load_original_state_dict(tokenizer, trust_checkpoint))
+        tokenizer_model = _load_strict(
+            SpadVTModel(infer_tokenizer_config(tokenizer_state)), tokenizer_state, tokenizer
+        )
+        tokenizer_model.save_pretrained(output / "tokenizer")
+        MedicalImageProcessor.from_preset("spad-vt").save_pretrained(output / "tokenizer")
+        write_model_card(
+            "spad-vt",
+            output / "tokenizer",
+            base_model=None,
+            extra={"source_checkpoint": Path(tokenizer).name},
+        )
+    (output / "conversion.json").write_text(
+        json.dumps(
+            {
+                "source": Path(checkpoint).name,
+                "tokenizer": Path(tokenizer).name if tokenizer else None,
+                "model_class": model_class.__name__,
+                "num_tensors": len(state),
+            },
+            indent=2,
+        )
+    )
+    return output
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("tokenizer.")]
+    if missing or unexpected:
+        raise UnsupportedFormatError(
+            f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}",
+            source,
+        )
+    return model.eval()
