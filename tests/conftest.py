@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import os
+
+# Read once, when huggingface_hub is imported: set before anything imports it. Tests never reach the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import copy
 import random
 from pathlib import Path
 
@@ -103,12 +108,6 @@ def ct_series(tmp_path: Path, ct_small_path: Path) -> tuple[Path, list[np.ndarra
     positions = [origin + [0, 0, gap * k] for k in range(6)]
     pixels = write_dicom_series(tmp_path / "ct_series", ct_small_path, positions)
     return tmp_path / "ct_series", pixels, gap
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never reach the Hub."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def fixtures_root() -> Path | None:

@@ -400,8 +400,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         tokenizer: Optional frozen tokenizer for the targets.
     """
 
-    _keys_to_ignore_on_save = [r"tokenizer\..*"]
-    _keys_to_ignore_on_load_missing = [r"tokenizer\..*"]
+    _keys_to_ignore_on_load_missing = [r"tokenizer\."]
 
     def __init__(self, config: SpadViTConfig, tokenizer: nn.Module | None = None):
         super().__init__(config)
@@ -425,6 +424,15 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
             )
         tokenizer.requires_grad_(False)
         self.tokenizer = tokenizer.eval()
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save without the tokenizer (upstream strips ``tokenizer.*`` too); save it on its own."""
+        tokenizer = self.tokenizer
+        self.tokenizer = None
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.tokenizer = tokenizer
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -612,6 +620,11 @@ class SpadViTFeaturePyramid(nn.Module):
         for tap, norm, fpn in zip(taps, self.norms, self.fpn):
             volume = tap[:, 1:].transpose(1, 2).unflatten(2, grid)  # drop cls, (B, E, D', H', W')
             features.append(fpn(norm(volume)))
+        if features[-1].shape[2:].numel() < 2:
+            raise ValueError(
+                f"a token grid of {tuple(grid)} leaves the coarsest feature a single voxel, which instance norm "
+                "cannot normalise; use a larger input (at least 2 x the level-3 stride on one axis)"
+            )
         return features
 
 
