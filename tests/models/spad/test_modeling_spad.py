@@ -415,3 +415,164 @@ def test_conversion_needs_heads_for_unusual_widths(tmp_path: Path) -> None:
 
 class _Opaque:
     """A type no allow-list knows."""
+
+
+# --- behaviour the review found untested ----------------------------------------------------------------
+
+
+def test_mim_per_sample_masks_match_single_runs() -> None:
+    """Each sample has its own mask and RoPE angles: batched logits rows equal the single-sample runs."""
+    model = SpadViTForMaskedImageModeling(SpadViTConfig(**OTHER_VIT)).eval()
+    x = _volume(2)
+    visible = torch.tensor([[0, 3, 5, 6], [1, 2, 4, 7]])
+    targets = torch.randn(2, 8, 24)
+    with torch.no_grad():
+        batch = model(
+            x,
+            spacing=(2.0, 0.5, 0.5),
+            visible_indices=visible,
+            target_logits=targets,
+            output_hidden_states=True,
+        )
+        rows = []
+        for i in range(2):
+            single = model(
+                x[i : i + 1],
+                spacing=(2.0, 0.5, 0.5),
+                visible_indices=visible[i : i + 1],
+                target_logits=targets[i : i + 1],
+                output_hidden_states=True,
+            )
+            rows.append(single.logits)
+            for whole, one in zip(batch.hidden_states, single.hidden_states):
+                torch.testing.assert_close(whole[i : i + 1], one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch.logits, torch.cat(rows), atol=1e-5, rtol=1e-5)
+
+
+def test_random_masks_differ_between_samples() -> None:
+    model = SpadViTForMaskedImageModeling(SpadViTConfig(**OTHER_VIT)).train()
+    torch.manual_seed(0)
+    out = model(_volume(8, shape=(16, 64, 64)), spacing=(2.0, 0.5, 0.5), target_logits=torch.randn(8, 64, 24))
+    masks = {tuple(row.tolist()) for row in out.bool_masked_pos}
+    assert len(masks) == 8 and (out.bool_masked_pos.sum(1) == 64 - int(64 * 0.45)).all()
+
+
+@pytest.mark.parametrize("mask_layer_ids", [None, [2]])
+def test_which_blocks_see_mask_tokens(mask_layer_ids) -> None:
+    """Mask layers see the mask tokens (BEiT-style, all of them when None); the others only the visible ones."""
+    model = SpadViTModel(
+        SpadViTConfig(**{**OTHER_VIT, "mask_layer_ids": mask_layer_ids}), use_mask_token=True
+    ).eval()
+    x, visible = _volume(1), torch.tensor([[0, 2, 5, 7]])
+    runs = []
+    with torch.no_grad():
+        for seed in (1, 2):  # change the mask token (not by a constant: LayerNorm would undo that)
+            model.mask_token.data = torch.randn(
+                model.mask_token.shape, generator=torch.Generator().manual_seed(seed)
+            )
+            runs.append(model(x, spacing=(2.0, 0.5, 0.5), visible_indices=visible, output_hidden_states=True))
+    seen_by = [
+        not torch.allclose(a[:, 1:][:, visible[0]], b[:, 1:][:, visible[0]])
+        for a, b in zip(runs[0].hidden_states[1:], runs[1].hidden_states[1:])
+    ]
+    # Visible tokens of a block change once any block up to it has seen the mask tokens.
+    assert seen_by == ([True, True, True] if mask_layer_ids is None else [False, False, True])
+
+
+@pytest.mark.parametrize(
+    ("patch_depth", "depth_factors"),
+    [(16, (2, 2, 2)), (8, (2, 2, 2)), (4, (2, 2, 2)), (2, (1, 2, 2))],  # (f3, f4, f5) = 1 if a >= l else 2
+)
+def test_pyramid_depth_factors_follow_the_spec(patch_depth: int, depth_factors) -> None:
+    config = TestSpadViTForSemanticSegmentationCommon().make_config()
+    config.patch_size = (patch_depth, 16, 16)
+    model = SpadViTForSemanticSegmentation(config).eval()
+    f3, f4, f5 = depth_factors
+    strides = model.pyramid.level_strides
+    assert strides[0][0] * f3 * f4 == patch_depth and strides[1][0] * f4 == patch_depth
+    assert strides[3][0] == patch_depth * f5
+    depth = strides[3][0] * 2
+    with torch.no_grad():
+        out = model(_volume(1, channels=1, shape=(depth, 64, 64)))
+    assert out.logits.shape == (1, 3, depth, 64, 64)
+
+
+def test_rope_rescaled_positions() -> None:
+    from medfm.layers import Rope3D
+
+    rope = Rope3D(16, (2333.0, 10000.0, 10000.0), rescale_shape=(4, -1, 8))
+    plain = Rope3D(16, (2333.0, 10000.0, 10000.0))
+    grid = (2, 3, 4)
+    freq_depth, freq_height, freq_width = plain.frequencies()
+    d, h, w = torch.meshgrid(
+        torch.arange(2) * 4 / 2, torch.arange(3.0), torch.arange(4) * 8 / 4, indexing="ij"
+    )
+    expected = d.reshape(-1, 1) * freq_depth + torch.cat(
+        [h.reshape(-1, 1) * freq_height, w.reshape(-1, 1) * freq_width], dim=-1
+    )
+    torch.testing.assert_close(rope.angles(grid), expected)
+    torch.testing.assert_close(
+        plain.angles(grid)[:, :4],
+        (torch.arange(24) // 12).view(-1, 1) * freq_depth[:4]
+        + (torch.arange(24) // 4 % 3).view(-1, 1) * freq_height,
+    )
+
+
+def test_deep_supervision_loss_weights() -> None:
+    from monai.losses import DiceCELoss
+
+    config = TestSpadViTForSemanticSegmentationCommon().make_config()
+    model = SpadViTForSemanticSegmentation(config).train()
+    inputs = TestSpadViTForSemanticSegmentationCommon().make_inputs()
+    out = model(**inputs)
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+    target = inputs["labels"].unsqueeze(1)
+    heads = [out.logits, *out.auxiliary_logits]
+    per_head = [
+        criterion(
+            torch.nn.functional.interpolate(h, size=target.shape[2:], mode="trilinear")
+            if h.shape[2:] != target.shape[2:]
+            else h,
+            target,
+        )
+        for h in heads
+    ]
+    expected = sum(w * l for w, l in zip([8 / 15, 4 / 15, 2 / 15, 1 / 15], per_head))
+    torch.testing.assert_close(out.loss, expected)
+    model.config.deep_supervision = False
+    torch.testing.assert_close(model(**inputs).loss, criterion(model(**inputs).logits, target))
+
+
+def test_tokenizer_given_to_from_pretrained_is_left_alone(tmp_path: Path) -> None:
+    SpadViTForMaskedImageModeling(SpadViTConfig(**OTHER_VIT)).save_pretrained(tmp_path)
+    tokenizer = SpadVTModel(
+        SpadVTConfig(
+            downsample_channels=[8, 8, 16], upsample_channels=[8, 8, 16], codebook_size=24, embedding_dim=16
+        )
+    )
+    before = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    model = SpadViTForMaskedImageModeling.from_pretrained(tmp_path, tokenizer=tokenizer)
+    assert model.tokenizer is tokenizer and "tokenizer" not in dict(model.named_children())
+    assert all(torch.equal(before[k], v) for k, v in tokenizer.state_dict().items())
+    assert not any(p.requires_grad for p in tokenizer.parameters()) and not tokenizer.training
+
+
+def test_from_pretrained_overrides_given_as_ints(tmp_path: Path) -> None:
+    """The MedMNIST-3D recipe: a fixed 16^3 patch and a 10^3 table, given as plain ints."""
+    SpadViTForMaskedImageModeling(SpadViTConfig(**OTHER_VIT)).save_pretrained(tmp_path)
+    model = SpadViTForImageClassification.from_pretrained(
+        tmp_path, patch_size=16, adaptive_patch_embed=False, pos_embed_shape=10, num_labels=3
+    )
+    assert model.config.patch_size == [16, 16, 16] and model.config.pos_embed_shape == [10, 10, 10]
+    assert list(model.spad_vit.pos_embed.shape) == [1, 32, 10, 10, 10]
+    assert SpadViTConfig(
+        patch_size=(16, 16, 16)
+    ).adaptive_patch_embed  # a tuple cube is a valid adaptive patch
+
+
+def test_segmentation_refuses_adaptive_configs_and_odd_sizes() -> None:
+    with pytest.raises(ValueError, match="needs a fixed patch"):
+        SpadViTForSemanticSegmentation(SpadViTConfig(**OTHER_VIT))
+    model = SpadViTForSemanticSegmentation(TestSpadViTForSemanticSegmentationCommon().make_config()).eval()
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        model(_volume(1, channels=1, shape=(8, 48, 80)))

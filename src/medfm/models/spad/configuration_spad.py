@@ -56,7 +56,7 @@ class SpadViTConfig(PreTrainedConfig):
             ``[3, 5, 7, 11]`` (B) or ``[7, 11, 15, 23]`` (L), else four evenly spread blocks.
         decoder_lateral_channels: Widths of the UNet decoder's four lateral levels (fine to coarse).
         decoder_full_res_channels: Widths of the decoder's two full-resolution levels.
-        deep_supervision: Whether training returns the coarser decoder outputs too.
+        deep_supervision: Whether the loss (and, in training, the output) includes the coarser decoder heads.
     """
 
     model_type = "spad_vit"
@@ -83,9 +83,16 @@ class SpadViTConfig(PreTrainedConfig):
     decoder_full_res_channels: list[int] | tuple[int, ...] = (32, 64)
     deep_supervision: bool = True
 
+    # Fields stored as lists of three ints however they are given: at construction, as from_pretrained
+    # overrides (set after __post_init__), or by assignment.
+    _THREE_INT_FIELDS = ("patch_size", "pos_embed_shape")
+
+    def __setattr__(self, name, value):
+        if name in SpadViTConfig._THREE_INT_FIELDS and value is not None:
+            value = _three(value, name)
+        super().__setattr__(name, value)
+
     def __post_init__(self, **kwargs):
-        self.patch_size = _three(self.patch_size, "patch_size")
-        self.pos_embed_shape = _three(self.pos_embed_shape, "pos_embed_shape")
         self.rope_base = [float(b) for b in self.rope_base]
         self.rope_rescale_shape = [int(r) for r in self.rope_rescale_shape]
         if self.out_indices is None:

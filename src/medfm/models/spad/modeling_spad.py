@@ -400,8 +400,6 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         tokenizer: Optional frozen tokenizer for the targets.
     """
 
-    _keys_to_ignore_on_load_missing = [r"tokenizer\."]
-
     def __init__(self, config: SpadViTConfig, tokenizer: nn.Module | None = None):
         super().__init__(config)
         self.spad_vit = SpadViTModel(config, use_mask_token=True)
@@ -410,35 +408,44 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
             nn.GELU(),
             nn.Linear(config.hidden_size, config.codebook_size),
         )
-        self.tokenizer = None
         self.post_init()
+        self._tokenizer: nn.Module | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
-    def set_tokenizer(self, tokenizer: nn.Module) -> None:
-        """Attach a tokenizer for the targets; it is frozen and kept in eval mode."""
-        codebook = tokenizer.config.codebook_size
-        if codebook != self.config.codebook_size:
-            raise ValueError(
-                f"tokenizer has {codebook} codes; the MIM head predicts {self.config.codebook_size}"
+    @property
+    def tokenizer(self) -> nn.Module | None:
+        """The frozen target tokenizer, if attached.
+
+        It is deliberately not a sub-module: it is not trained, not saved with this model, not touched by
+        ``from_pretrained``'s weight loading, and not wrapped by DDP/FSDP. It follows the input's device.
+        """
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer: nn.Module | None) -> None:
+        """Attach (or, with ``None``, detach) a tokenizer for the targets; it is frozen and kept in eval mode."""
+        if tokenizer is not None:
+            codebook = tokenizer.config.codebook_size
+            if codebook != self.config.codebook_size:
+                raise ValueError(
+                    f"tokenizer has {codebook} codes; the MIM head predicts {self.config.codebook_size}"
+                )
+            tokenizer.requires_grad_(False)
+            tokenizer.eval()
+        # Bypass nn.Module registration on purpose (see the property).
+        object.__setattr__(self, "_tokenizer", tokenizer)
+
+    def _targets(self, tokenizer_pixel_values: torch.Tensor, aniso_d: int) -> torch.Tensor:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise ValueError("tokenizer_pixel_values given but no tokenizer attached (set_tokenizer)")
+        weight = next(tokenizer.parameters())
+        if weight.device != tokenizer_pixel_values.device:
+            tokenizer.to(tokenizer_pixel_values.device)
+        with torch.no_grad():
+            return tokenizer.encode(tokenizer_pixel_values.to(weight.dtype), aniso_d=aniso_d).logits.flatten(
+                1, 3
             )
-        tokenizer.requires_grad_(False)
-        self.tokenizer = tokenizer.eval()
-
-    def save_pretrained(self, *args, **kwargs):
-        """Save without the tokenizer (upstream strips ``tokenizer.*`` too); save it on its own."""
-        tokenizer = self.tokenizer
-        self.tokenizer = None
-        try:
-            return super().save_pretrained(*args, **kwargs)
-        finally:
-            self.tokenizer = tokenizer
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.tokenizer is not None:
-            self.tokenizer.eval()
-        return self
 
     def forward(
         self,
@@ -483,12 +490,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         logits = self.mim_head(outputs.last_hidden_state[:, 1:][masked])
 
         if target_logits is None and tokenizer_pixel_values is not None:
-            if self.tokenizer is None:
-                raise ValueError("tokenizer_pixel_values given but no tokenizer attached (set_tokenizer)")
-            with torch.no_grad():
-                target_logits = self.tokenizer.encode(tokenizer_pixel_values, aniso_d=level).logits.flatten(
-                    1, 3
-                )
+            target_logits = self._targets(tokenizer_pixel_values, level)
         loss = None
         if target_logits is not None:
             if tuple(target_logits.shape[:2]) != (volume.shape[0], length):
@@ -687,7 +689,9 @@ class SpadViTUNetDecoder(nn.Module):
         depth0 = level_strides[0][0]
         half_depth = max(depth0 // 2, 1)
         self.full_res = _conv_norm_act(config.in_channels, full, (1, 3, 3))
-        self.half_res = _conv_norm_act(full, half, (1, 3, 3), stride=(half_depth, 2, 2))
+        # In-plane only, as upstream, unless depth is downsampled too: then 3 deep, so no slice is skipped.
+        half_kernel = (1, 3, 3) if half_depth == 1 else (3, 3, 3)
+        self.half_res = _conv_norm_act(full, half, half_kernel, stride=(half_depth, 2, 2))
         factor_to_half = (depth0 // half_depth, level_strides[0][1] // 2, level_strides[0][2] // 2)
         self.up_to_half = _UpStep(lateral[0], half, half, factor_to_half, (1, 3, 3))
         self.up_to_full = _UpStep(half, full, full, (half_depth, 2, 2), (1, 3, 3))
@@ -719,6 +723,12 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
     """
 
     def __init__(self, config: SpadViTConfig):
+        if config.adaptive_patch_embed:
+            raise ValueError(
+                "SpadViTForSemanticSegmentation needs a fixed patch, as upstream fine-tunes: load with "
+                "from_pretrained(path, patch_size=(4, 16, 16), adaptive_patch_embed=False, ...) and the "
+                "pre-trained weights are adapted"
+            )
         super().__init__(config)
         self.spad_vit = SpadViTModel(config)
         self.pyramid = SpadViTFeaturePyramid(config)
@@ -752,14 +762,19 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         volume, is_2d = self._as_volume(pixel_values)
+        coarsest = self.pyramid.level_strides[3]
+        if any(n % s for n, s in zip(volume.shape[2:], coarsest)):
+            raise ValueError(
+                f"input size {tuple(volume.shape[2:])} must be a multiple of {tuple(coarsest)}, the stride of "
+                "the coarsest pyramid level (pad or crop the input to such a size)"
+            )
         features, hidden_states = self.extract_features(volume, spacing, aniso_d)
         outputs = self.decoder(volume.to(features[0].dtype), features)
         logits = outputs[0]
         loss = None
         if labels is not None:
-            loss = _deep_supervision_loss(
-                outputs, labels.unsqueeze(1) if is_2d else labels, self.config.num_labels
-            )
+            heads = outputs if self.config.deep_supervision else outputs[:1]
+            loss = _deep_supervision_loss(heads, labels.unsqueeze(1) if is_2d else labels)
         auxiliary = tuple(outputs[1:]) if self.training and self.config.deep_supervision else None
         output = SpadViTSegmentationOutput(
             loss=loss,
@@ -770,9 +785,7 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def _deep_supervision_loss(
-    outputs: list[torch.Tensor], labels: torch.Tensor, num_labels: int
-) -> torch.Tensor:
+def _deep_supervision_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Dice + CE (softmax, one-hot, background included) on every head, logits upsampled trilinearly to the
     label size, weights proportional to 0.5^i and normalised."""
     from monai.losses import DiceCELoss
