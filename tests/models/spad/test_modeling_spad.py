@@ -537,7 +537,7 @@ def test_deep_supervision_loss_weights() -> None:
         )
         for h in heads
     ]
-    expected = sum(w * l for w, l in zip([8 / 15, 4 / 15, 2 / 15, 1 / 15], per_head))
+    expected = sum(w * term for w, term in zip([8 / 15, 4 / 15, 2 / 15, 1 / 15], per_head))
     torch.testing.assert_close(out.loss, expected)
     model.config.deep_supervision = False
     torch.testing.assert_close(model(**inputs).loss, criterion(model(**inputs).logits, target))
