@@ -13,8 +13,11 @@ Two things live here:
 
 from __future__ import annotations
 
+import argparse
+import collections
 import json
 import os
+import pathlib
 import re
 from pathlib import Path
 from typing import Any
@@ -128,22 +131,13 @@ def register_spad_weight_adaptation() -> None:
 
 def _safe_globals() -> list[Any]:
     """Types a Lightning/Fabric checkpoint stores besides tensors, allowed for ``weights_only`` loading."""
-    import collections
-    import pathlib
-
-    allowed: list[Any] = [
+    return [
         pathlib.PosixPath,
         pathlib.WindowsPath,
         pathlib.PurePosixPath,
         collections.defaultdict,
+        argparse.Namespace,
     ]
-    try:
-        import argparse
-
-        allowed.append(argparse.Namespace)
-    except ImportError:  # pragma: no cover - always present
-        pass
-    return allowed
 
 
 def load_original_state_dict(
