@@ -30,17 +30,28 @@ from .spad import (
 )
 from .spad.convert_spad import register_spad_weight_adaptation
 
-__all__ = ["FAMILIES", "FamilyEntry", "register_all"]
+__all__ = ["FAMILIES", "FamilyEntry", "family_of", "register_all"]
 
 
 @dataclass(frozen=True)
 class FamilyEntry:
-    """One configuration and the model classes transformers' Auto classes should build from it."""
+    """One configuration, the model classes transformers' Auto classes build from it, and its PEFT preset.
+
+    Attributes:
+        config: The configuration class (its ``model_type`` is the key).
+        models: Auto class -> model class.
+        processor: The image processor class.
+        on_register: Callables run once at registration (e.g. weight-conversion hooks).
+        adapter_targets: Regex of the Linear layers LoRA/DoRA adapt (attention and MLP projections).
+        trainable_heads: Model class -> names of new modules trained in full next to the adapters.
+    """
 
     config: type
     models: dict[type, type]
     processor: type | None = MedicalImageProcessor
     on_register: tuple[Callable[[], None], ...] = field(default_factory=tuple)
+    adapter_targets: str | None = None
+    trainable_heads: dict[type, tuple[str, ...]] = field(default_factory=dict)
 
 
 FAMILIES: tuple[FamilyEntry, ...] = (
@@ -53,9 +64,29 @@ FAMILIES: tuple[FamilyEntry, ...] = (
             AutoModelForSemanticSegmentation: SpadViTForSemanticSegmentation,
         },
         on_register=(register_spad_weight_adaptation,),
+        adapter_targets=r".*blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.(w1|w2|w3))",
+        trainable_heads={
+            SpadViTForImageClassification: ("classifier",),
+            SpadViTForSemanticSegmentation: ("pyramid", "decoder"),
+            SpadViTForMaskedImageModeling: ("mim_head",),
+        },
     ),
     FamilyEntry(SpadVTConfig, {AutoModel: SpadVTModel}),
 )
+
+
+def family_of(model_type: str) -> FamilyEntry:
+    """The entry whose config has ``model_type``.
+
+    Raises:
+        KeyError: No family has it (the message lists those that exist).
+    """
+    for entry in FAMILIES:
+        if entry.config.model_type == model_type:
+            return entry
+    raise KeyError(
+        f"no medfm family has model_type {model_type!r}; known: {[e.config.model_type for e in FAMILIES]}"
+    )
 
 
 def register_all() -> None:
