@@ -11,6 +11,7 @@ from transformers import AutoImageProcessor
 from . import errors
 from .io import MedicalVolume, load_volume, write_nifti
 from .models.registry import register_all
+from .pipelines import register_pipelines
 from .processing import MedicalImageProcessor
 
 __version__ = "0.1.0.dev0"
@@ -30,6 +31,7 @@ def _register() -> None:
         exist_ok=True,
     )
     register_all()
+    register_pipelines()
 
 
 _register()

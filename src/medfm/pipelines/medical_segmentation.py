@@ -1,0 +1,201 @@
+"""``pipeline("medical-segmentation")``: a label map for a CT/MR volume, in the input's own geometry."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+from ..io import MedicalVolume, as_volume, write_nifti
+from ..processing.image_processing_medical import ProcessedGrid
+
+__all__ = ["MedicalSegmentationPipeline"]
+
+_DEFAULT_ROI_EDGE = 128
+
+
+class MedicalSegmentationPipeline(Pipeline):
+    r"""Segment a medical volume with any medfm segmentation model.
+
+    Input: a path (NIfTI, DICOM file or series folder), a :class:`~medfm.io.MedicalVolume`, or an array with
+    ``spacing=(z, y, x)``; or a list of them. The model's processor prepares the volume, MONAI's sliding-window
+    inference runs the model over it, and the prediction is mapped back onto the input's grid.
+
+    Call parameters:
+        roi_size: Window ``(D, H, W)`` on the processed grid; by default the processed volume, capped at 128 per
+            axis and rounded up to the model's required multiple.
+        overlap: Window overlap fraction (default 0.5).
+        sw_batch_size: Windows per forward pass (default 1).
+        mode: Blending of overlapping windows, ``"gaussian"`` (default) or ``"constant"``.
+        bfloat16: Run the model under bfloat16 autocast.
+        spacing: Spacing for array inputs.
+        return_probabilities: Also return per-class probabilities on the input grid.
+        save_to: Write the label map as NIfTI with the input's affine (atomically, never over the input).
+        overlay_to: Write a PNG of three orthogonal slices with the labels drawn over the image.
+
+    Returns:
+        A dict per input: ``segmentation`` (a :class:`~medfm.io.MedicalVolume` of labels carrying the input's
+        geometry), ``label_map`` (the labels as an array in the input's own voxel order), ``labels`` (per label:
+        name, voxel count and volume in ml), and, when asked, ``probabilities``, ``saved_to`` and ``overlay``.
+    """
+
+    _load_image_processor = True
+    _load_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+
+    def _sanitize_parameters(
+        self,
+        roi_size: Sequence[int] | None = None,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        mode: str | None = None,
+        bfloat16: bool | None = None,
+        spacing: Sequence[float] | None = None,
+        return_probabilities: bool | None = None,
+        save_to: str | os.PathLike | None = None,
+        overlay_to: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)} for medical-segmentation")
+        preprocess = {"spacing": spacing} if spacing is not None else {}
+        forward: dict[str, Any] = {}
+        if roi_size is not None:
+            forward["roi_size"] = tuple(int(n) for n in roi_size)
+        if overlap is not None:
+            if not 0 <= overlap < 1:
+                raise ValueError(f"overlap must be in [0, 1); got {overlap}")
+            forward["overlap"] = float(overlap)
+        if sw_batch_size is not None:
+            forward["sw_batch_size"] = int(sw_batch_size)
+        if mode is not None:
+            if mode not in ("gaussian", "constant"):
+                raise ValueError(f"mode must be 'gaussian' or 'constant'; got {mode!r}")
+            forward["mode"] = mode
+        if bfloat16 is not None:
+            forward["bfloat16"] = bool(bfloat16)
+        postprocess: dict[str, Any] = {}
+        if return_probabilities is not None:
+            postprocess["return_probabilities"] = bool(return_probabilities)
+        if save_to is not None:
+            postprocess["save_to"] = save_to
+        if overlay_to is not None:
+            postprocess["overlay_to"] = overlay_to
+        return preprocess, forward, postprocess
+
+    def preprocess(self, inputs: Any, spacing: Sequence[float] | None = None) -> dict[str, Any]:
+        if self.image_processor is None:
+            raise ValueError("medical-segmentation needs the model's image processor: pass image_processor=")
+        volume = as_volume(inputs, spacing)
+        features = self.image_processor(volume)
+        return {
+            "pixel_values": features["pixel_values"],
+            "spacing": features["spacing"],
+            "grid": features.grids[0],
+            "volume": volume,
+        }
+
+    def _required_multiple(self) -> tuple[int, int, int]:
+        pyramid = getattr(self.model, "pyramid", None)
+        if pyramid is not None and hasattr(pyramid, "level_strides"):
+            return tuple(pyramid.level_strides[-1])  # type: ignore[return-value]
+        patch = getattr(self.model.config, "patch_size", 1)
+        return tuple(patch) if isinstance(patch, list | tuple) else (int(patch),) * 3  # type: ignore[return-value]
+
+    def _default_roi(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        multiple = self._required_multiple()
+        roi = [max(m, math.ceil(min(n, _DEFAULT_ROI_EDGE) / m) * m) for n, m in zip(shape, multiple)]
+        if roi == list(multiple):  # the coarsest level would be one voxel; normalisation needs two
+            roi[-1] *= 2
+        return tuple(roi)  # type: ignore[return-value]
+
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        roi_size: tuple[int, int, int] | None = None,
+        overlap: float = 0.5,
+        sw_batch_size: int = 1,
+        mode: str = "gaussian",
+        bfloat16: bool = False,
+    ) -> dict[str, Any]:
+        from monai.inferers import sliding_window_inference
+
+        pixel_values = model_inputs["pixel_values"]
+        if pixel_values.ndim == 4:  # a 2D model's input: windows run on (1, H, W) slices
+            pixel_values = pixel_values.unsqueeze(2)
+        roi = roi_size or self._default_roi(pixel_values.shape[2:])
+        multiple = self._required_multiple()
+        if any(r % m for r, m in zip(roi, multiple)):
+            raise ValueError(f"roi_size {tuple(roi)} must be a multiple of {multiple} for this model")
+        takes_spacing = "spacing" in inspect.signature(self.model.forward).parameters
+        extra = {"spacing": model_inputs["spacing"]} if takes_spacing else {}
+
+        def predict(window: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=window, **extra).logits
+
+        device_type = pixel_values.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bfloat16):
+            logits = sliding_window_inference(
+                pixel_values,
+                roi_size=roi,
+                sw_batch_size=sw_batch_size,
+                predictor=predict,
+                overlap=overlap,
+                mode=mode,
+                progress=False,
+            )
+        return {"logits": logits.float(), "grid": model_inputs["grid"], "volume": model_inputs["volume"]}
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, Any],
+        return_probabilities: bool = False,
+        save_to: str | os.PathLike | None = None,
+        overlay_to: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        grid: ProcessedGrid = model_outputs["grid"]
+        volume: MedicalVolume = model_outputs["volume"]
+        restored = self.image_processor.post_process_semantic_segmentation(
+            model_outputs["logits"], [grid], return_probabilities=return_probabilities
+        )[0]
+        segmentation: MedicalVolume = restored["segmentation"]
+        result: dict[str, Any] = {
+            "segmentation": segmentation,
+            "label_map": segmentation.to_source_array()
+            if segmentation.source is not None
+            else segmentation.array[0],
+            "labels": self._label_statistics(segmentation),
+        }
+        if return_probabilities:
+            result["probabilities"] = restored["probabilities"]
+        if save_to is not None:
+            result["saved_to"] = write_nifti(segmentation, save_to, protect=[volume.source_path])
+        if overlay_to is not None:
+            from ..visualization import save_orthogonal_slices
+
+            names = {int(k): v for k, v in self.model.config.id2label.items()}
+            result["overlay"] = save_orthogonal_slices(
+                volume, Path(overlay_to), labels=segmentation, label_names=names
+            )
+        return result
+
+    def _label_statistics(self, segmentation: MedicalVolume) -> dict[int, dict[str, Any]]:
+        voxel_ml = float(np.prod(segmentation.spacing)) / 1000.0
+        values, counts = np.unique(segmentation.array, return_counts=True)
+        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        return {
+            int(value): {
+                "name": id2label.get(int(value), str(int(value))),
+                "voxels": int(count),
+                "volume_ml": float(count) * voxel_ml,
+            }
+            for value, count in zip(values, counts)
+        }
