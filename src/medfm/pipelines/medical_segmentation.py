@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -11,17 +10,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Pipeline
 
-from ..io import MedicalVolume, as_volume, write_nifti
+from ..io import MedicalVolume, write_nifti
 from ..processing.image_processing_medical import ProcessedGrid
+from .base import MedicalPipeline
 
 __all__ = ["MedicalSegmentationPipeline"]
 
 _DEFAULT_ROI_EDGE = 128
 
 
-class MedicalSegmentationPipeline(Pipeline):
+class MedicalSegmentationPipeline(MedicalPipeline):
     r"""Segment a medical volume with any medfm segmentation model.
 
     Input: a path (NIfTI, DICOM file or series folder), a :class:`~medfm.io.MedicalVolume`, or an array with
@@ -45,11 +44,6 @@ class MedicalSegmentationPipeline(Pipeline):
         geometry), ``label_map`` (the labels as an array in the input's own voxel order), ``labels`` (per label:
         name, voxel count and volume in ml), and, when asked, ``probabilities``, ``saved_to`` and ``overlay``.
     """
-
-    _load_image_processor = True
-    _load_processor = False
-    _load_tokenizer = False
-    _load_feature_extractor = False
 
     def _sanitize_parameters(
         self,
@@ -91,18 +85,6 @@ class MedicalSegmentationPipeline(Pipeline):
             postprocess["overlay_to"] = overlay_to
         return preprocess, forward, postprocess
 
-    def preprocess(self, inputs: Any, spacing: Sequence[float] | None = None) -> dict[str, Any]:
-        if self.image_processor is None:
-            raise ValueError("medical-segmentation needs the model's image processor: pass image_processor=")
-        volume = as_volume(inputs, spacing)
-        features = self.image_processor(volume)
-        return {
-            "pixel_values": features["pixel_values"],
-            "spacing": features["spacing"],
-            "grid": features.grids[0],
-            "volume": volume,
-        }
-
     def _required_multiple(self) -> tuple[int, int, int]:
         pyramid = getattr(self.model, "pyramid", None)
         if pyramid is not None and hasattr(pyramid, "level_strides"):
@@ -135,8 +117,7 @@ class MedicalSegmentationPipeline(Pipeline):
         multiple = self._required_multiple()
         if any(r % m for r, m in zip(roi, multiple)):
             raise ValueError(f"roi_size {tuple(roi)} must be a multiple of {multiple} for this model")
-        takes_spacing = "spacing" in inspect.signature(self.model.forward).parameters
-        extra = {"spacing": model_inputs["spacing"]} if takes_spacing else {}
+        extra = self.model_kwargs(model_inputs)
 
         def predict(window: torch.Tensor) -> torch.Tensor:
             return self.model(pixel_values=window, **extra).logits
