@@ -1,0 +1,104 @@
+"""Pushing to the Hub, offline: capture what would be committed, lay it out as a Hub cache, load it back."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForSemanticSegmentation, pipeline
+
+import medfm  # noqa: F401
+from medfm.hub import CardInfo, push_to_hub
+from medfm.models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
+from medfm.processing import MedicalImageProcessor
+
+from .common.hub_cache import add_to_hub_cache
+
+
+class RecordingApi:
+    """Stands in for HfApi: keeps a copy of the folder each commit would upload."""
+
+    def __init__(self, into: Path):
+        self.into = into
+        self.created: list[tuple[str, bool]] = []
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, token=None):
+        self.created.append((repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, token=None):
+        shutil.copytree(folder_path, self.into / repo_id.replace("/", "--"))
+        return {"repo_id": repo_id, "message": commit_message}
+
+
+def test_push_and_reload_by_repo_id(tmp_path: Path, anatomical_path: Path) -> None:
+    config = SpadViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pos_embed_shape=(2, 2, 2),
+        patch_size=(4, 16, 16),
+        adaptive_patch_embed=False,
+        in_channels=1,
+        num_labels=3,
+        decoder_lateral_channels=(8, 8, 16, 16),
+        decoder_full_res_channels=(4, 8),
+        id2label={0: "background", 1: "grey matter", 2: "white matter"},
+    )
+    torch.manual_seed(0)
+    model = SpadViTForSemanticSegmentation(config).eval()
+    processor = MedicalImageProcessor(
+        steps=[
+            {"name": "resample", "spacing": [4.0, 4.0, 4.0]},
+            {"name": "percentile_clip"},
+            {"name": "pad_to_multiple", "multiple": [8, 32, 32]},
+        ]
+    )
+    api = RecordingApi(tmp_path / "commits")
+    info = CardInfo(
+        base_model="medfm/spad-vit-base",
+        datasets=["nilearn/mni152"],
+        dataset_name="MNI152 tissues",
+        metrics={"dice_grey_matter": 0.71, "dice_white_matter": 0.83},
+        training={"epochs": 3, "learning_rate": 1e-3},
+    )
+    result = push_to_hub(
+        model, "medfm-test/spad-tissue", processor=processor, card=info, private=True, api=api
+    )
+    assert result["repo_id"] == "medfm-test/spad-tissue" and api.created == [("medfm-test/spad-tissue", True)]
+    committed = tmp_path / "commits" / "medfm-test--spad-tissue"
+    assert {p.name for p in committed.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+    }
+    card = ModelCard.load(committed / "README.md")
+    assert card.data.base_model == "medfm/spad-vit-base" and card.data.library_name == "medfm"
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == info.metrics
+    assert "learning_rate" in card.text and "Not for clinical use" in card.text
+
+    cache = tmp_path / "hub-cache"
+    add_to_hub_cache(committed, "medfm-test/spad-tissue", cache)
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(
+        "medfm-test/spad-tissue", cache_dir=cache
+    ).eval()
+    assert isinstance(reloaded, SpadViTForSemanticSegmentation)
+    reloaded_processor = MedicalImageProcessor.from_pretrained("medfm-test/spad-tissue", cache_dir=cache)
+    assert reloaded_processor.steps == processor.steps
+    segmenter = pipeline("medical-segmentation", model=reloaded, image_processor=reloaded_processor)
+    direct = pipeline("medical-segmentation", model=model, image_processor=processor)
+    a = segmenter(str(anatomical_path), roi_size=(8, 32, 64))["label_map"]
+    b = direct(str(anatomical_path), roi_size=(8, 32, 64))["label_map"]
+    assert np.array_equal(a, b)
+
+
+def test_unknown_card_template(tmp_path: Path) -> None:
+    from medfm.hub import write_model_card
+
+    with pytest.raises(ValueError, match="no model card template"):
+        write_model_card("nope", tmp_path)
