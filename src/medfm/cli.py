@@ -62,7 +62,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, steps=args.steps)
     return 0
 
 
@@ -103,8 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     presets.add_argument("-v", "--verbose", action="store_true", help="show each preset's steps")
     presets.set_defaults(func=_cmd_presets)
 
-    demo = commands.add_parser("demo", help="run the demo on the MNI152 template shipped with nilearn")
+    demo = commands.add_parser(
+        "demo", help="fine-tune and run a SPAD-ViT on the MNI152 template nilearn ships"
+    )
     demo.add_argument("--out", default="demo_outputs", help="output folder")
+    demo.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
