@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -24,7 +25,7 @@ def test_cosine_with_warmup_shape() -> None:
     assert rates[4] == pytest.approx(1.0) and rates[9] == pytest.approx(
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
     )
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:]))
 
 
 def test_crops_stay_inside_their_region_and_pad_small_volumes() -> None:
