@@ -84,3 +84,120 @@ def test_unknown_preset_is_a_clean_error(anatomical_path: Path, tmp_path: Path, 
     assert "unknown preset 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["preprocess", str(anatomical_path)])  # argparse: --out and a recipe are required
+
+
+def _tiny_segmentation_model(folder: Path) -> None:
+    from medfm.models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
+    from medfm.processing import MedicalImageProcessor
+
+    config = SpadViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pos_embed_shape=(2, 2, 2),
+        patch_size=(4, 16, 16),
+        adaptive_patch_embed=False,
+        in_channels=1,
+        num_labels=3,
+        decoder_lateral_channels=(8, 8, 16, 16),
+        decoder_full_res_channels=(4, 8),
+        id2label={0: "background", 1: "grey matter", 2: "white matter"},
+    )
+    SpadViTForSemanticSegmentation(config).save_pretrained(folder)
+    MedicalImageProcessor(
+        steps=[
+            {"name": "resample", "spacing": [4.0, 4.0, 4.0]},
+            {"name": "percentile_clip"},
+            {"name": "pad_to_multiple", "multiple": [8, 32, 32]},
+        ]
+    ).save_pretrained(folder)
+
+
+def test_segment_command(anatomical_path: Path, tmp_path: Path, capsys) -> None:
+    _tiny_segmentation_model(tmp_path / "model")
+    out, overlay = tmp_path / "seg.nii.gz", tmp_path / "seg.png"
+    status = main(
+        [
+            "segment",
+            str(anatomical_path),
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(out),
+            "--overlay",
+            str(overlay),
+            "--roi-size",
+            "8",
+            "32",
+            "64",
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "grey matter" in printed and " ml" in printed
+    written = nib.load(out)
+    assert written.shape == nib.load(anatomical_path).shape and overlay.is_file()
+    status = main(
+        ["segment", str(anatomical_path), "--model", str(tmp_path / "model"), "--out", str(anatomical_path)]
+    )
+    assert status == 2 and "refusing to write over the input" in capsys.readouterr().err
+
+
+def test_classify_and_convert_commands(anatomical_path: Path, tmp_path: Path, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from medfm.models.spad import SpadViTConfig, SpadViTForImageClassification, SpadViTForMaskedImageModeling
+    from medfm.processing import MedicalImageProcessor
+
+    tiny = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pos_embed_shape=(2, 2, 2),
+    )
+    SpadViTForImageClassification(
+        SpadViTConfig(**tiny, num_labels=2, id2label={0: "a", 1: "b"})
+    ).save_pretrained(tmp_path / "cls")
+    MedicalImageProcessor(
+        steps=[{"name": "minmax"}, {"name": "repeat_channels"}, {"name": "pad_to_multiple", "multiple": 16}]
+    ).save_pretrained(tmp_path / "cls")
+    assert main(["classify", str(anatomical_path), "--model", str(tmp_path / "cls"), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and {line.split()[1] for line in lines} == {"a", "b"}
+
+    mim = SpadViTForMaskedImageModeling(SpadViTConfig(**tiny))
+    state = {k.removeprefix("spad_vit."): v.contiguous() for k, v in mim.state_dict().items()}
+    save_file(state, str(tmp_path / "up.safetensors"))
+    assert (
+        main(
+            [
+                "convert",
+                "spad",
+                "--checkpoint",
+                str(tmp_path / "up.safetensors"),
+                "--output",
+                str(tmp_path / "conv"),
+                "--config",
+                '{"num_attention_heads": 2}',
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "conv" / "model.safetensors").is_file()
+    assert (
+        main(
+            [
+                "convert",
+                "spad",
+                "--checkpoint",
+                str(tmp_path / "missing.ckpt"),
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert torch.is_tensor(state["cls_token"])

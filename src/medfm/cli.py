@@ -59,6 +59,54 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    import medfm  # noqa: F401  (registers the models and pipelines)
+
+    segmenter = pipeline("medical-segmentation", model=args.model, device=args.device)
+    options = {"save_to": args.out, "overlap": args.overlap, "bfloat16": args.bf16}
+    if args.roi_size:
+        options["roi_size"] = args.roi_size
+    if args.overlay:
+        options["overlay_to"] = args.overlay
+    result = segmenter(args.file, **options)
+    print(f"wrote {result['saved_to']}" + (f" and {result['overlay']}" if args.overlay else ""))
+    for label, stats in result["labels"].items():
+        print(
+            f"  {label:>3}  {stats['name']:<24} {stats['voxels']:>10} voxels  {stats['volume_ml']:>10.2f} ml"
+        )
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from transformers import pipeline
+
+    import medfm  # noqa: F401
+
+    classifier = pipeline("medical-image-classification", model=args.model, device=args.device)
+    for row in classifier(args.file, top_k=args.top_k):
+        print(f"{row['score']:.4f}  {row['label']}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from .models.spad.convert_spad import convert_spad_checkpoint
+
+    converters = {"spad": convert_spad_checkpoint}
+    out = converters[args.family](
+        args.checkpoint,
+        args.output,
+        tokenizer=args.tokenizer,
+        config_overrides=json.loads(args.config),
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -103,6 +151,37 @@ def _parser() -> argparse.ArgumentParser:
     presets.add_argument("-v", "--verbose", action="store_true", help="show each preset's steps")
     presets.set_defaults(func=_cmd_presets)
 
+    segment = commands.add_parser(
+        "segment", help="segment a volume with a medfm model, write NIfTI (and a PNG)"
+    )
+    segment.add_argument("file", help="NIfTI file, DICOM file, or folder of DICOM slices")
+    segment.add_argument("--model", required=True, help="model folder or Hub id (with its processor)")
+    segment.add_argument("--out", required=True, help="output .nii or .nii.gz (on the input's grid)")
+    segment.add_argument("--overlay", help="also write a PNG of three orthogonal slices")
+    segment.add_argument("--roi-size", type=int, nargs=3, metavar=("D", "H", "W"), help="sliding window")
+    segment.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
+    segment.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    segment.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    segment.set_defaults(func=_cmd_segment)
+
+    classify = commands.add_parser("classify", help="classify a 2D image or 3D volume with a medfm model")
+    classify.add_argument("file", help="NIfTI file, DICOM file, or folder of DICOM slices")
+    classify.add_argument("--model", required=True, help="model folder or Hub id (with its processor)")
+    classify.add_argument("--top-k", type=int, default=5, help="labels to print")
+    classify.add_argument("--device", default=None, help="e.g. cpu, cuda")
+    classify.set_defaults(func=_cmd_classify)
+
+    convert = commands.add_parser("convert", help="convert an original checkpoint to a medfm model folder")
+    convert.add_argument("family", choices=["spad"], help="model family")
+    convert.add_argument(
+        "--checkpoint", required=True, help="original checkpoint (.ckpt, .pth, .safetensors)"
+    )
+    convert.add_argument("--tokenizer", help="SPAD: the SPAD-VT tokenizer checkpoint")
+    convert.add_argument("--output", required=True, help="output folder")
+    convert.add_argument("--config", default="{}", help="JSON object of config fields shapes cannot tell")
+    convert.add_argument("--trust-checkpoint", action="store_true", help="full unpickling for a trusted file")
+    convert.set_defaults(func=_cmd_convert)
+
     demo = commands.add_parser(
         "demo", help="fine-tune and run a SPAD-ViT on the MNI152 template nilearn ships"
     )
@@ -117,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except MedfmError as error:
+    except (MedfmError, ValueError, OSError) as error:
         print(f"medfm {args.command}: error: {error}", file=sys.stderr)
         return 2
 
