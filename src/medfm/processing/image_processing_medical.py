@@ -133,6 +133,17 @@ class MedicalImageProcessor(BaseImageProcessor):
         """Build the processor of a named preset (see ``medfm presets``)."""
         return cls(preset=name, **kwargs)
 
+    def label_processor(self) -> MedicalImageProcessor:
+        """A processor that puts a label map on this processor's grid: the spatial steps only, with
+        nearest-neighbour interpolation and padding with 0 (background)."""
+        spatial = []
+        for spec in self.steps:
+            if spec["name"] in ("resample", "resize"):
+                spatial.append({**spec, "mode": "nearest"})
+            elif spec["name"] == "pad_to_multiple":
+                spatial.append({**spec, "mode": "constant", "value": 0.0})
+        return MedicalImageProcessor(steps=spatial)
+
     @property
     def step_objects(self) -> list[Step]:
         return [step_from_dict(spec) for spec in self.steps]

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import VolumeNotFoundError, VolumeShapeError
+from ..io import load_volume
 from ..metrics import mean_metrics, segmentation_metrics
 
-__all__ = ["SegmentationSample", "VolumeCropSampler", "evaluate_segmentation", "sliding_window_logits"]
+__all__ = [
+    "SegmentationSample",
+    "VolumeCropSampler",
+    "evaluate_segmentation",
+    "load_segmentation_pairs",
+    "prepare_segmentation_sample",
+    "sliding_window_logits",
+]
 
 
 @dataclass
@@ -28,6 +40,62 @@ class SegmentationSample:
     labels: torch.Tensor
     spacing: torch.Tensor
     region: torch.Tensor | None = None
+
+
+def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, label) file pairs from a Medical Segmentation Decathlon ``dataset.json`` or a folder.
+
+    A folder holds ``imagesTr/`` and ``labelsTr/`` with the same file names (a Decathlon folder; images may
+    carry nnU-Net's ``_0000`` channel suffix), or a ``dataset.json``.
+
+    Raises:
+        VolumeNotFoundError: The source, a listed file, or a label for an image is missing.
+    """
+    source = Path(source)
+    if source.is_dir() and (source / "dataset.json").is_file():
+        source = source / "dataset.json"
+    if source.is_file():
+        entries = json.loads(source.read_text()).get("training", [])
+        pairs = [
+            ((source.parent / e["image"]).resolve(), (source.parent / e["label"]).resolve()) for e in entries
+        ]
+    elif (source / "imagesTr").is_dir():
+        pairs = []
+        for image in sorted((source / "imagesTr").iterdir()):
+            if image.name.startswith("."):
+                continue
+            label_name = image.name.replace("_0000.", ".")
+            pairs.append((image, source / "labelsTr" / label_name))
+    else:
+        raise VolumeNotFoundError("expected a dataset.json or a folder with imagesTr/ and labelsTr/", source)
+    if not pairs:
+        raise VolumeNotFoundError("lists no training pairs", source)
+    for image, label in pairs:
+        for path in (image, label):
+            if not path.exists():
+                raise VolumeNotFoundError(f"listed training file is missing (pair {image.name})", path)
+    return pairs
+
+
+def prepare_segmentation_sample(
+    processor, image_path: str | os.PathLike, label_path: str | os.PathLike
+) -> SegmentationSample:
+    """Load an image and its label map and put both on the processor's grid (labels by nearest neighbour).
+
+    Raises:
+        VolumeShapeError: The label map is not on the image's grid.
+    """
+    image = load_volume(image_path)
+    labels = load_volume(label_path)
+    if labels.spatial_shape != image.spatial_shape or not torch.allclose(
+        torch.as_tensor(labels.affine), torch.as_tensor(image.affine), atol=1e-3
+    ):
+        raise VolumeShapeError(
+            f"label map {labels.spatial_shape} is not on the image's grid {image.spatial_shape}", label_path
+        )
+    inputs = processor(image)
+    on_grid = processor.label_processor()(labels)["pixel_values"][0, 0].round().long()
+    return SegmentationSample(inputs["pixel_values"][0], on_grid, inputs["spacing"][0])
 
 
 class VolumeCropSampler:
