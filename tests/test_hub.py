@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +98,22 @@ def test_push_and_reload_by_repo_id(tmp_path: Path, anatomical_path: Path) -> No
     a = segmenter(str(anatomical_path), roi_size=(8, 32, 64))["label_map"]
     b = direct(str(anatomical_path), roi_size=(8, 32, 64))["label_map"]
     assert np.array_equal(a, b)
+
+    # pipeline(model="org/name") itself, offline, in a process whose Hub cache is the laid-out one.
+    script = (
+        "import medfm, numpy as np; from transformers import pipeline; "
+        "seg = pipeline('medical-segmentation', model='medfm-test/spad-tissue'); "
+        f"r = seg({str(anatomical_path)!r}, roi_size=(8, 32, 64)); np.save({str(tmp_path / 'labels.npy')!r}, r['label_map'])"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), b)
 
 
 def test_unknown_card_template(tmp_path: Path) -> None:
