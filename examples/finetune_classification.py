@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from medfm.training.arguments import add_training_arguments, training_config, wrap_with_adapters
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,18 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--preset", help="processor preset; it must give every image one size (a resize step)"
     )
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--dora", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser, lr=1e-5, batch_size=4)
     return parser.parse_args(argv)
 
 
@@ -45,14 +36,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    import medfm
     from medfm.hub import CardInfo, write_model_card
     from medfm.models.spad import SpadViTForImageClassification
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
         ClassificationSample,
         GroupedBatchSampler,
-        TrainingConfig,
         evaluate_classification,
         load_classification_items,
         train,
@@ -84,12 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         label2id=index,
         ignore_mismatched_sizes=True,
     )
-    if args.lora or args.dora:
-        from peft import get_peft_model
-
-        import medfm.peft
-
-        model = get_peft_model(model, medfm.peft.lora_config(model, r=args.lora_rank, use_dora=args.dora))
+    model = wrap_with_adapters(model, args)
 
     def validate(trained, step: int) -> dict[str, float]:
         scores = evaluate_classification(trained, val_samples)
@@ -98,15 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         return scores
 
-    config = TrainingConfig(
-        steps=args.steps,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every,
-        mixed_precision=args.mixed_precision,
-        seed=args.seed,
-    )
+    config = training_config(args)
     history = train(
         model,
         GroupedBatchSampler(train_samples, args.batch_size, seed=args.seed),

@@ -18,6 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
+from medfm.training.arguments import adapter_kind, add_training_arguments, training_config, wrap_with_adapters
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,18 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--preset", help="processor preset (default: the model's own processor)")
     parser.add_argument("--crop", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (and the new heads) only")
-    parser.add_argument("--dora", action="store_true", help="weight-decomposed LoRA")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_arguments(parser, lr=1e-4, batch_size=2)
     return parser.parse_args(argv)
 
 
@@ -51,12 +42,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    import medfm
     from medfm.hub import CardInfo, write_model_card
     from medfm.models.spad import SpadViTForSemanticSegmentation
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
-        TrainingConfig,
         VolumeCropSampler,
         evaluate_segmentation,
         load_segmentation_pairs,
@@ -85,13 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         num_labels=args.num_labels,
         ignore_mismatched_sizes=True,
     )
-    if args.lora or args.dora:
-        from peft import get_peft_model
-
-        import medfm.peft
-
-        model = get_peft_model(model, medfm.peft.lora_config(model, r=args.lora_rank, use_dora=args.dora))
-        model.print_trainable_parameters()
+    model = wrap_with_adapters(model, args)
 
     roi = tuple(args.crop)
     labels = list(range(1, args.num_labels))
@@ -111,15 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sampler = VolumeCropSampler(
         train_samples, crop=roi, batch_size=args.batch_size, flip_axes=(1, 2), seed=args.seed
     )
-    config = TrainingConfig(
-        steps=args.steps,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every,
-        mixed_precision=args.mixed_precision,
-        seed=args.seed,
-    )
+    config = training_config(args)
     history = train(
         model, sampler, config, on_eval=validate, accelerator=accelerator, description="fine-tuning"
     )
@@ -141,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     "learning_rate": args.lr,
                     "batch_size": args.batch_size,
                     "crop": tuple(args.crop),
-                    "adapters": "DoRA" if args.dora else "LoRA" if args.lora else "none",
+                    "adapters": adapter_kind(args),
                 },
             ),
         )

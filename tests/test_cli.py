@@ -14,6 +14,8 @@ import pytest
 from medfm.cli import main
 from medfm.io import load_volume
 
+from .common.tiny_models import save_tiny_segmentation_model
+
 
 def test_inspect_prints_geometry_and_statistics(anatomical_path: Path, capsys) -> None:
     assert main(["inspect", str(anatomical_path)]) == 0
@@ -86,36 +88,8 @@ def test_unknown_preset_is_a_clean_error(anatomical_path: Path, tmp_path: Path, 
         main(["preprocess", str(anatomical_path)])  # argparse: --out and a recipe are required
 
 
-def _tiny_segmentation_model(folder: Path) -> None:
-    from medfm.models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
-    from medfm.processing import MedicalImageProcessor
-
-    config = SpadViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pos_embed_shape=(2, 2, 2),
-        patch_size=(4, 16, 16),
-        adaptive_patch_embed=False,
-        in_channels=1,
-        num_labels=3,
-        decoder_lateral_channels=(8, 8, 16, 16),
-        decoder_full_res_channels=(4, 8),
-        id2label={0: "background", 1: "grey matter", 2: "white matter"},
-    )
-    SpadViTForSemanticSegmentation(config).save_pretrained(folder)
-    MedicalImageProcessor(
-        steps=[
-            {"name": "resample", "spacing": [4.0, 4.0, 4.0]},
-            {"name": "percentile_clip"},
-            {"name": "pad_to_multiple", "multiple": [8, 32, 32]},
-        ]
-    ).save_pretrained(folder)
-
-
 def test_segment_command(anatomical_path: Path, tmp_path: Path, capsys) -> None:
-    _tiny_segmentation_model(tmp_path / "model")
+    save_tiny_segmentation_model(tmp_path / "model")
     out, overlay = tmp_path / "seg.nii.gz", tmp_path / "seg.png"
     status = main(
         [

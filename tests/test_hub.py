@@ -16,10 +16,11 @@ from transformers import AutoModelForSemanticSegmentation, pipeline
 
 import medfm  # noqa: F401
 from medfm.hub import CardInfo, push_to_hub
-from medfm.models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
+from medfm.models.spad import SpadViTForSemanticSegmentation
 from medfm.processing import MedicalImageProcessor
 
 from .common.hub_cache import add_to_hub_cache
+from .common.tiny_models import tiny_segmentation_config, tiny_segmentation_processor
 
 
 class RecordingApi:
@@ -38,29 +39,9 @@ class RecordingApi:
 
 
 def test_push_and_reload_by_repo_id(tmp_path: Path, anatomical_path: Path) -> None:
-    config = SpadViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pos_embed_shape=(2, 2, 2),
-        patch_size=(4, 16, 16),
-        adaptive_patch_embed=False,
-        in_channels=1,
-        num_labels=3,
-        decoder_lateral_channels=(8, 8, 16, 16),
-        decoder_full_res_channels=(4, 8),
-        id2label={0: "background", 1: "grey matter", 2: "white matter"},
-    )
     torch.manual_seed(0)
-    model = SpadViTForSemanticSegmentation(config).eval()
-    processor = MedicalImageProcessor(
-        steps=[
-            {"name": "resample", "spacing": [4.0, 4.0, 4.0]},
-            {"name": "percentile_clip"},
-            {"name": "pad_to_multiple", "multiple": [8, 32, 32]},
-        ]
-    )
+    model = SpadViTForSemanticSegmentation(tiny_segmentation_config()).eval()
+    processor = tiny_segmentation_processor()
     api = RecordingApi(tmp_path / "commits")
     info = CardInfo(
         base_model="medfm/spad-vit-base",

@@ -14,9 +14,9 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 import medfm  # noqa: F401
 from medfm.io import load_volume
-from medfm.models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
 from medfm.processing import MedicalImageProcessor
 
+from ..common.tiny_models import save_tiny_segmentation_model
 from ..conftest import write_dicom_series
 
 
@@ -118,27 +118,7 @@ def test_probabilities_overlay_and_refusals(
 
 def test_spad_model_from_a_folder(anatomical_path: Path, tmp_path: Path) -> None:
     """A real medfm model loaded by path: processor from the folder, bfloat16 autocast, output geometry."""
-    config = SpadViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pos_embed_shape=(2, 2, 2),
-        patch_size=(4, 16, 16),
-        adaptive_patch_embed=False,
-        in_channels=1,
-        num_labels=3,
-        decoder_lateral_channels=(8, 8, 16, 16),
-        decoder_full_res_channels=(4, 8),
-    )
-    SpadViTForSemanticSegmentation(config).save_pretrained(tmp_path)
-    MedicalImageProcessor(
-        steps=[
-            {"name": "resample", "spacing": [4.0, 4.0, 4.0]},
-            {"name": "percentile_clip"},
-            {"name": "pad_to_multiple", "multiple": [8, 32, 32]},
-        ]
-    ).save_pretrained(tmp_path)
+    save_tiny_segmentation_model(tmp_path)
     segmenter = pipeline("medical-segmentation", model=str(tmp_path))
     out = segmenter(str(anatomical_path), roi_size=(8, 32, 64), bfloat16=True)
     assert out["label_map"].shape == nib.load(anatomical_path).shape

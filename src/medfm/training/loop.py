@@ -115,7 +115,13 @@ def train(
     history = TrainingHistory()
     start = time.perf_counter()
     samples = 0
-    bar = tqdm(total=config.steps, desc=description, unit="step", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=config.steps,
+        desc=description,
+        unit="step",
+        disable=not accelerator.is_main_process,
+        mininterval=1.0,
+    )
     model.train()
     step = 0
     while step < config.steps:
