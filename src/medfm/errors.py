@@ -12,6 +12,7 @@ import os
 
 __all__ = [
     "CorruptFileError",
+    "DatasetError",
     "DicomSeriesError",
     "EmptySeriesError",
     "InvalidGeometryError",
@@ -78,6 +79,10 @@ class MixedSeriesError(DicomSeriesError):
 
 class OverwriteInputError(MedfmError, FileExistsError):
     """A writer was asked to write over the file its data was read from."""
+
+
+class DatasetError(MedfmError, ValueError):
+    """A dataset source is empty or holds nothing usable."""
 
 
 class ProcessorConfigError(MedfmError, ValueError):

@@ -6,7 +6,7 @@ from .classification import (
     evaluate_classification,
     load_classification_items,
 )
-from .loop import TrainingConfig, TrainingHistory, cosine_with_warmup, train
+from .loop import JsonlTracker, TrainingConfig, TrainingHistory, cosine_with_warmup, latest_checkpoint, train
 from .segmentation import (
     SegmentationSample,
     VolumeCropSampler,
@@ -19,6 +19,7 @@ from .segmentation import (
 __all__ = [
     "ClassificationSample",
     "GroupedBatchSampler",
+    "JsonlTracker",
     "SegmentationSample",
     "TrainingConfig",
     "TrainingHistory",
@@ -26,6 +27,7 @@ __all__ = [
     "cosine_with_warmup",
     "evaluate_classification",
     "evaluate_segmentation",
+    "latest_checkpoint",
     "load_classification_items",
     "load_segmentation_pairs",
     "prepare_segmentation_sample",

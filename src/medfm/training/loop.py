@@ -1,34 +1,52 @@
 """The training loop shared by medfm's objectives, on Accelerate.
 
 ``train(model, batches, config)`` runs AdamW with linear warm-up and cosine decay, gradient accumulation,
-gradient clipping and mixed precision through an :class:`accelerate.Accelerator`, shows a progress bar
-with the loss and throughput, and calls ``on_eval`` every ``eval_every`` steps. The model's forward must
-return an output with a ``loss``.
+gradient clipping and mixed precision through an :class:`accelerate.Accelerator`, shows a progress bar with
+the loss, throughput (samples/s, tokens/s) and ETA, and calls ``on_eval`` every ``eval_every`` steps. The
+model's forward must return an output with a ``loss``.
+
+With ``config.output_dir`` it also logs through Accelerate's trackers (tensorboard and a JSONL file), writes
+``save_state`` checkpoints every ``save_every`` steps (atomically: written to a temporary folder, then
+renamed) keeping the last ``keep_last``, and resumes exactly from one with ``resume_from="latest"``: model,
+optimizer, scheduler, scaler and RNG states come back, and the data stream is positioned at the first
+batch not yet consumed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainingConfig", "TrainingHistory", "cosine_with_warmup", "train"]
+__all__ = [
+    "JsonlTracker",
+    "TrainingConfig",
+    "TrainingHistory",
+    "cosine_with_warmup",
+    "latest_checkpoint",
+    "train",
+]
 
 
 @dataclass
 class TrainingConfig:
-    """Optimisation settings.
+    """Optimisation, logging and checkpoint settings.
 
     Attributes:
         steps: Optimizer steps.
         learning_rate: Peak learning rate.
-        weight_decay: AdamW weight decay (not applied to biases, norms and 1-D parameters).
+        weight_decay: AdamW weight decay (not applied to biases, norms, tokens and 1-D parameters).
         warmup_steps: Linear warm-up steps.
         min_lr_ratio: Final learning rate as a fraction of the peak (cosine decay).
         grad_clip: Max gradient norm; ``None`` for no clipping.
@@ -36,6 +54,11 @@ class TrainingConfig:
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (Accelerate's setting).
         eval_every: Call ``on_eval`` every this many steps (0: only at the end).
         seed: Seed for Accelerate's RNGs.
+        output_dir: Where trackers and checkpoints go; ``None`` for neither.
+        save_every: Checkpoint every this many steps (0: never).
+        keep_last: Checkpoints kept.
+        log_every: Log to the trackers every this many steps.
+        resume_from: ``"latest"`` or a checkpoint folder to resume from; ``None`` to start afresh.
     """
 
     steps: int = 1000
@@ -48,15 +71,66 @@ class TrainingConfig:
     mixed_precision: str = "no"
     eval_every: int = 0
     seed: int = 0
+    output_dir: str | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 10
+    resume_from: str | None = None
 
 
 @dataclass
 class TrainingHistory:
-    """What a run recorded: the loss per step and every evaluation's result."""
+    """What a run recorded: the loss per step (from the start or the resumed step) and evaluations."""
 
     losses: list[float] = field(default_factory=list)
     evaluations: list[tuple[int, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    first_step: int = 1
+
+
+class _Progress:
+    """The loop's own checkpointed state: optimizer steps done and micro-batches consumed."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.micro_batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.micro_batches = int(state["step"]), int(state["micro_batches"])
+
+
+class JsonlTracker(GeneralTracker):
+    """An Accelerate tracker that appends one JSON object per ``log`` call to ``metrics.jsonl``."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.run_name = run_name
+        self.path = Path(logging_dir) / "metrics.jsonl"
+
+    @property
+    def tracker(self):
+        return self
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"config": values}, default=str) + "\n")
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}, default=float) + "\n")
+
+    def finish(self) -> None:
+        """Nothing to close: every line is flushed when written."""
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.0):
@@ -71,65 +145,126 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporary folders are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    return found[-1] if found else None
+
+
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (
-            no_decay
-            if parameter.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
-            else decay
-        ).append(parameter)
+        plain = parameter.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        (no_decay if plain else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_accelerator(config: TrainingConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs: dict[str, Any] = {}
+    if config.output_dir is not None:
+        kwargs["project_config"] = ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+        )
+        kwargs["log_with"] = ["tensorboard", JsonlTracker("medfm", Path(config.output_dir) / "logs")]
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.accumulation_steps,
+        **kwargs,
+    )
+
+
+def _save_checkpoint(accelerator, output_dir: str, step: int, keep_last: int) -> None:
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    temporary = root / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)  # readers never see a half-written checkpoint
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 def train(
     model: nn.Module,
-    batches: Iterator[dict[str, torch.Tensor]],
+    batches: Iterator[dict[str, Any]] | Callable[[], Iterator[dict[str, Any]]],
     config: TrainingConfig,
     *,
     on_eval: Callable[[nn.Module, int], Any] | None = None,
     accelerator: Any = None,
     description: str = "training",
+    data_position: Callable[[int], None] | None = None,
+    tokens_per_batch: Callable[[dict[str, Any]], int] | None = None,
 ) -> TrainingHistory:
-    """Train ``model`` on ``batches`` (an endless iterator of forward keyword arguments).
+    """Train ``model`` on ``batches``.
 
     Args:
         model: Returns an output with ``loss`` when called with a batch.
-        batches: Yields dicts of tensors; moved to the accelerator's device here.
-        config: Optimisation settings.
-        on_eval: ``f(model, step)`` called every ``config.eval_every`` steps and at the end (in eval mode);
-            its results go to the history.
+        batches: An endless iterator of forward keyword arguments, or a callable making one (called after
+            resuming, so the stream starts at the right position).
+        config: Settings.
+        on_eval: ``f(model, step)`` called every ``config.eval_every`` steps and at the end (in eval mode).
         accelerator: An :class:`accelerate.Accelerator`; one is made from ``config`` if not given.
         description: Progress-bar label.
+        data_position: Called with the number of micro-batches already consumed when resuming (before
+            ``batches`` is called), to position a resumable data stream.
+        tokens_per_batch: Tokens in a batch, for the tokens/s figure.
     """
-    from accelerate import Accelerator
-
-    accelerator = accelerator or Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.accumulation_steps
-    )
+    accelerator = accelerator or _make_accelerator(config)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    history = TrainingHistory()
-    start = time.perf_counter()
-    samples = 0
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    if config.output_dir is not None and accelerator.log_with:
+        accelerator.init_trackers("medfm", config={k: v for k, v in asdict(config).items() if v is not None})
+
+    if config.resume_from is not None:
+        checkpoint = (
+            latest_checkpoint(config.output_dir)
+            if config.resume_from == "latest"
+            else Path(config.resume_from)
+        )
+        if checkpoint is None or not checkpoint.is_dir():
+            raise FileNotFoundError(
+                f"no checkpoint to resume from ({config.resume_from!r} in {config.output_dir})"
+            )
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+    if data_position is not None:
+        data_position(progress.micro_batches)
+    stream = batches() if callable(batches) else batches
+
+    history = TrainingHistory(first_step=progress.step + 1)
+    start, samples, tokens = time.perf_counter(), 0, 0
     bar = tqdm(
         total=config.steps,
+        initial=progress.step,
         desc=description,
         unit="step",
         disable=not accelerator.is_main_process,
         mininterval=1.0,
     )
     model.train()
-    step = 0
-    while step < config.steps:
+    while progress.step < config.steps:
         for _ in range(config.accumulation_steps):
             batch = {
                 k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                for k, v in next(batches).items()
+                for k, v in next(stream).items()
             }
+            progress.micro_batches += 1
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -138,24 +273,40 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            samples += int(next(iter(batch.values())).shape[0])
-        step += 1
+            samples += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 1
+            tokens += tokens_per_batch(batch) if tokens_per_batch is not None else 0
+        progress.step += 1
         history.losses.append(float(loss.detach()))
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(
-            loss=f"{history.losses[-1]:.4f}",
-            lr=f"{scheduler.get_last_lr()[0]:.2e}",
-            samples_per_s=f"{samples / max(elapsed, 1e-9):.1f}",
-        )
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        figures = {
+            "loss": history.losses[-1],
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": samples / elapsed,
+        }
+        if tokens_per_batch is not None:
+            figures["tokens_per_s"] = tokens / elapsed
+        bar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
         bar.update()
+        if config.output_dir is not None and progress.step % max(config.log_every, 1) == 0:
+            accelerator.log(figures, step=progress.step)
         if on_eval is not None and (
-            (config.eval_every and step % config.eval_every == 0) or step == config.steps
+            (config.eval_every and progress.step % config.eval_every == 0) or progress.step == config.steps
         ):
             model.eval()
             with torch.no_grad():
-                history.evaluations.append((step, on_eval(accelerator.unwrap_model(model), step)))
+                history.evaluations.append(
+                    (progress.step, on_eval(accelerator.unwrap_model(model), progress.step))
+                )
             model.train()
+        if config.output_dir is not None and config.save_every and progress.step % config.save_every == 0:
+            _save_checkpoint(accelerator, config.output_dir, progress.step, config.keep_last)
     bar.close()
     history.seconds = time.perf_counter() - start
+    if config.output_dir is not None and accelerator.log_with:
+        # Finish the trackers only: Accelerator.end_training would also tear down the process group,
+        # which the caller may still need (barriers, saving on rank 0).
+        accelerator.wait_for_everyone()
+        for tracker in accelerator.trackers:
+            tracker.finish()
     model.eval()
     return history

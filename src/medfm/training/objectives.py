@@ -1,0 +1,106 @@
+"""Pre-training objectives, by name: what ``examples/pretrain_mim.py --model NAME`` trains.
+
+An objective is an ``nn.Module`` whose forward takes a batch of the pre-training data stream
+(``pixel_values`` in [0, 1], ``spacing``, ``aniso_d``) and returns an output with a ``loss``; it knows how
+many tokens a batch holds and how to save the model it trains. MiM and VIS-MAE add their builders to
+:data:`OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["OBJECTIVES", "SpadMaskedImageModeling", "build_objective", "random_projection_tokenizer"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SpadMaskedImageModeling(nn.Module):
+    """SPAD-ViT masked image modeling against a frozen SPAD-VT (spec §c).
+
+    The ViT sees the ImageNet-normalised image and the tokenizer ``2x - 1``, both at the batch's
+    ``aniso_d``; the loss is the soft-target cross-entropy at the masked tokens.
+    """
+
+    def __init__(self, mim: nn.Module):
+        super().__init__()
+        self.mim = mim
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1), persistent=False)
+
+    def forward(
+        self, pixel_values: torch.Tensor, aniso_d: int, spacing: torch.Tensor | None = None, **kwargs
+    ):
+        return self.mim(
+            (pixel_values - self.mean) / self.std,
+            aniso_d=aniso_d,
+            tokenizer_pixel_values=pixel_values * 2 - 1,
+        )
+
+    def tokens_per_batch(self, batch: dict[str, Any]) -> int:
+        pixel_values = batch["pixel_values"]
+        grid = self.mim.spad_vit.token_grid(pixel_values.shape, int(batch["aniso_d"]))
+        return int(pixel_values.shape[0] * grid[0] * grid[1] * grid[2])
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The MIM model (``AutoModel`` loads its backbone) and, beside it, the tokenizer."""
+        self.mim.save_pretrained(path)
+        if self.mim.tokenizer is not None:
+            self.mim.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+
+def random_projection_tokenizer(config, logit_scale: float = 3.0, seed: int = 0) -> nn.Module:
+    """A SPAD-VT with random weights and a code projection scaled so its soft tokens are peaked.
+
+    A freshly initialised tokenizer gives near-uniform code distributions, which leave nothing to learn. Scaled
+    up, its random projection makes each token's target a fixed, input-dependent distribution: a stand-in
+    for a trained tokenizer in smoke tests and demos (real pre-training loads a trained SPAD-VT).
+    """
+    from ..models.spad import SpadVTModel
+
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = SpadVTModel(config)
+    with torch.no_grad():
+        weight = tokenizer.quantize.proj.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * logit_scale / weight.shape[1] ** 0.5)
+    return tokenizer
+
+
+def _build_spad(
+    model: str | None, tokenizer: str | None, config: dict[str, Any], tokenizer_config: dict[str, Any]
+):
+    from ..models.spad import SpadViTConfig, SpadViTForMaskedImageModeling, SpadVTConfig, SpadVTModel
+
+    if tokenizer is not None:
+        tokenizer_model = SpadVTModel.from_pretrained(tokenizer)
+    else:
+        tokenizer_model = random_projection_tokenizer(SpadVTConfig(**tokenizer_config))
+    config = {"codebook_size": tokenizer_model.config.codebook_size, **config}
+    mim = (
+        SpadViTForMaskedImageModeling.from_pretrained(model, **config)
+        if model is not None
+        else SpadViTForMaskedImageModeling(SpadViTConfig(**config))
+    )
+    mim.set_tokenizer(tokenizer_model)
+    return SpadMaskedImageModeling(mim)
+
+
+#: Objective name -> builder ``f(model, tokenizer, config, tokenizer_config) -> objective``.
+OBJECTIVES: dict[str, Callable[..., nn.Module]] = {"spad-vit": _build_spad}
+
+
+def build_objective(name: str, **kwargs: Any) -> nn.Module:
+    """Build the objective registered under ``name``.
+
+    Raises:
+        ValueError: Unknown name (the message lists the known ones).
+    """
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown pre-training objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)

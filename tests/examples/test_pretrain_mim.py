@@ -1,0 +1,185 @@
+"""examples/pretrain_mim.py: the loss falls, the backbone loads, resume is exact, two processes agree."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModel
+
+import medfm  # noqa: F401
+from medfm.models.spad import SpadViTModel
+
+from ..conftest import NIBABEL_DATA
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_mim.py"
+TINY = [
+    "--crop-size",
+    "32",
+    "--depth-tokens",
+    "2",
+    "--batch-size",
+    "2",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "20",
+    "--config",
+    json.dumps(
+        {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 85,
+            "pos_embed_shape": [2, 3, 3],
+        }
+    ),
+    "--tokenizer-config",
+    json.dumps(
+        {
+            "downsample_channels": [8, 8, 16],
+            "upsample_channels": [8, 8, 16],
+            "codebook_size": 32,
+            "embedding_dim": 16,
+        }
+    ),
+]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("pretrain_mim", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory, mni_t1_path: Path) -> Path:
+    """Volumes nibabel and nilearn ship, at three spacings, plus a corrupt file."""
+    data = tmp_path_factory.mktemp("volumes")
+    for name in ("anatomical.nii", "resampled_anat_moved.nii", "reoriented_anat_moved.nii"):
+        shutil.copy(NIBABEL_DATA / name, data / name)
+    shutil.copy(mni_t1_path, data / "mni152_t1.nii.gz")
+    (data / "corrupt.nii.gz").write_bytes(mni_t1_path.read_bytes()[:4000])
+    return data
+
+
+@pytest.mark.slow
+def test_loss_falls_and_backbone_loads(volumes: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"skipping .*corrupt\.nii\.gz"):
+        losses = _example().main(
+            [
+                "--data",
+                str(volumes),
+                "--output",
+                str(tmp_path / "run"),
+                "--steps",
+                "300",
+                "--save-every",
+                "100",
+                "--keep-last",
+                "2",
+                *TINY,
+            ]
+        )
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < first - 0.4, (first, last)  # about 3.44 -> 2.67
+    backbone = AutoModel.from_pretrained(tmp_path / "run" / "model")
+    assert type(backbone) is SpadViTModel
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000200",
+        "step-00000300",
+    ]  # three saved atomically, pruned to --keep-last 2
+    lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines[1:]]
+    assert {"loss", "lr", "samples_per_s", "tokens_per_s"} <= set(logged[-1]) and logged[-1]["step"] == 300
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_losses(volumes: Path, tmp_path: Path) -> None:
+    example = _example()
+    common = ["--data", str(volumes), "--save-every", "6", *TINY]
+    whole = example.main([*common, "--output", str(tmp_path / "whole"), "--steps", "14"])
+    example.main([*common, "--output", str(tmp_path / "parts"), "--steps", "6"])
+    resumed_file = tmp_path / "resumed.json"
+    example.main(
+        [
+            *common,
+            "--output",
+            str(tmp_path / "parts"),
+            "--steps",
+            "14",
+            "--resume_from_checkpoint",
+            "latest",
+            "--losses-file",
+            str(resumed_file),
+        ]
+    )
+    resumed = json.loads(resumed_file.read_text())
+    assert resumed["first_step"] == 7
+    assert resumed["losses"] == whole[6:]  # steps 7..14, bit for bit
+
+
+def test_empty_data_fails_before_building_a_model(tmp_path: Path) -> None:
+    from medfm.errors import DatasetError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no NIfTI file"):
+        _example().main(["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "run"), *TINY])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_weights_and_rank_zero_writes(volumes: Path, tmp_path: Path) -> None:
+    launcher = Path(sys.executable).parent / "accelerate"
+    command = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(SCRIPT),
+        "--data",
+        str(volumes),
+        "--output",
+        str(tmp_path / "run"),
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--weights-digest-dir",
+        str(tmp_path / "digests"),
+        *TINY,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = {p.name: p.read_text() for p in (tmp_path / "digests").iterdir()}
+    assert set(digests) == {"rank0.sha256", "rank1.sha256"}
+    assert digests["rank0.sha256"] == digests["rank1.sha256"]  # DDP kept the replicas identical
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [
+        "step-00000002",
+        "step-00000004",
+    ]  # no leftover temporary folders
+    for checkpoint in checkpoints:
+        files = sorted(p.name for p in checkpoint.iterdir())
+        # One copy of the weights and optimizer (rank 0); each rank keeps only its own RNG state.
+        assert files.count("model.safetensors") == 1 and files.count("optimizer.bin") == 1
+        assert [f for f in files if f.startswith("random_states")] == [
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        ]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
