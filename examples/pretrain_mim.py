@@ -2,7 +2,7 @@
 """Masked image modeling pre-training on many volumes and many processes, with Accelerate.
 
     accelerate launch examples/pretrain_mim.py --model spad-vit --data /data/ct --output runs/spad \
-        --tokenizer runs/tokenizer --steps 300000 --batch-size 14 --mixed-precision bf16
+        --tokenizer runs/spad-vt/model --steps 300000 --batch-size 14 --mixed-precision bf16
 
 ``--model`` names the objective (``spad-vit`` now; MiM and VIS-MAE plug in by name). Data: a folder of
 NIfTI files and DICOM series, or a Decathlon ``dataset.json``; unreadable files are skipped with a warning
@@ -14,168 +14,14 @@ model goes to ``OUTPUT/model`` (``AutoModel.from_pretrained`` loads the backbone
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-from pathlib import Path
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="spad-vit", help="objective name")
-    parser.add_argument("--data", required=True, help="folder of NIfTI/DICOM or a dataset.json")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--pretrained", help="initial weights (a medfm model folder or Hub id)")
-    parser.add_argument("--tokenizer", help="SPAD-VT tokenizer folder; random if omitted (smoke tests only)")
-    parser.add_argument("--config", default="{}", help="JSON of model config fields (e.g. a tiny model)")
-    parser.add_argument(
-        "--tokenizer-config", default="{}", help="JSON of tokenizer config fields (random tokenizer)"
-    )
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2, help="per process")
-    parser.add_argument("--accumulation-steps", type=int, default=1)
-    parser.add_argument("--crop-size", type=int, default=160, help="in-plane crop")
-    parser.add_argument("--depth-tokens", type=int, default=5, help="tokens along depth in a 3D crop")
-    parser.add_argument("--slice-probability", type=float, default=0.0, help="fraction of 2D-slice batches")
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--grad-clip", type=float, default=0.5)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--keep-last", type=int, default=3)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        "--resume-from-checkpoint",
-        dest="resume",
-        help="'latest' or a checkpoint folder",
-    )
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--losses-file", help="also write every step's loss (JSON list) here, per rank")
-    parser.add_argument(
-        "--weights-digest-dir", help="write each rank's final weight digest here (DDP checks)"
-    )
-    return parser.parse_args(argv)
+from medfm.training.pretraining import pretraining_parser, run_pretraining
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    args = parse_args(argv)
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env, set_seed
-    from torch.utils.data import DataLoader
-
-    import medfm  # noqa: F401  (registers the models)
-    from medfm.data import (
-        AnisotropyBatchSampler,
-        PretrainingDataset,
-        collate_samples,
-        discover_volumes,
-        probe_volumes,
+    parser = pretraining_parser(
+        __doc__.split("\n\n")[0], objective="spad-vit", crop_size=160, depth_tokens=5, lr=2e-5
     )
-    from medfm.processing import MedicalImageProcessor
-    from medfm.training import TrainingConfig, train
-    from medfm.training.objectives import build_objective
-
-    # The process-wide state is made here, before the Accelerator: pass the CPU flag the launcher set, or
-    # a CPU multi-process run would not form its process group.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    # Data first: an empty or unreadable source fails before any model is built.
-    infos = probe_volumes(discover_volumes(args.data))
-    data_processor = MedicalImageProcessor(
-        steps=[
-            {"name": "percentile_clip", "lower": 0.5, "upper": 99.5, "above_min": True, "rescale": True},
-            {"name": "repeat_channels", "num_channels": 3},
-        ]
-    )
-    dataset = PretrainingDataset(infos, data_processor)
-    sampler = AnisotropyBatchSampler(
-        infos,
-        args.batch_size,
-        crop_size=args.crop_size,
-        depth_tokens=args.depth_tokens,
-        slice_probability=args.slice_probability,
-        seed=args.seed,
-        rank=state.process_index,
-        world_size=state.num_processes,
-    )
-    state.print(
-        f"{len(infos)} volumes in anisotropy groups "
-        + json.dumps({k: len(v) for k, v in sampler.groups.items()})
-    )
-
-    set_seed(args.seed)
-    objective = build_objective(
-        args.model,
-        model=args.pretrained,
-        tokenizer=args.tokenizer,
-        config=json.loads(args.config),
-        tokenizer_config=json.loads(args.tokenizer_config),
-    )
-    if args.activation_checkpointing:
-        objective.mim.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-
-    def batches():
-        # Its own generator: a loader otherwise draws a seed from the global RNG, which would shift the
-        # masks of a resumed run by one draw.
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=args.num_workers,
-            collate_fn=collate_samples,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=args.num_workers > 0,
-            generator=torch.Generator().manual_seed(args.seed + state.process_index),
-        )
-        return iter(loader)
-
-    config = TrainingConfig(
-        steps=args.steps,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip,
-        accumulation_steps=args.accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        seed=args.seed,
-        output_dir=args.output,
-        save_every=args.save_every,
-        keep_last=args.keep_last,
-        log_every=args.log_every,
-        resume_from=args.resume,
-    )
-    history = train(
-        objective,
-        batches,
-        config,
-        description=f"pre-training {args.model}",
-        data_position=lambda consumed: sampler.load_state_dict({"batches_drawn": consumed}),
-        tokens_per_batch=objective.tokens_per_batch,
-    )
-
-    if args.losses_file:
-        Path(args.losses_file).write_text(
-            json.dumps({"first_step": history.first_step, "losses": history.losses})
-        )
-    if args.weights_digest_dir:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(objective.mim.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        folder = Path(args.weights_digest_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank{state.process_index}.sha256").write_text(digest.hexdigest())
-    if state.is_main_process:
-        objective.save_pretrained(Path(args.output) / "model")
-        MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(Path(args.output) / "model")
-        state.print(f"saved {Path(args.output) / 'model'}")
-    state.wait_for_everyone()
-    return history.losses
+    return run_pretraining(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

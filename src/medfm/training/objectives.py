@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
-__all__ = ["OBJECTIVES", "SpadMaskedImageModeling", "build_objective", "random_projection_tokenizer"]
+__all__ = [
+    "OBJECTIVES",
+    "SpadMaskedImageModeling",
+    "SpadTokenizerTraining",
+    "TokenizerTrainingOutput",
+    "build_objective",
+    "random_projection_tokenizer",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,11 +57,70 @@ class SpadMaskedImageModeling(nn.Module):
         grid = self.mim.spad_vit.token_grid(pixel_values.shape, int(batch["aniso_d"]))
         return int(pixel_values.shape[0] * grid[0] * grid[1] * grid[2])
 
+    def enable_activation_checkpointing(self) -> None:
+        self.mim.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """The MIM model (``AutoModel`` loads its backbone) and, beside it, the tokenizer."""
+        """The MIM model (``AutoModel`` loads its backbone) with its processor and, beside it, the tokenizer."""
+        from ..processing import MedicalImageProcessor
+
         self.mim.save_pretrained(path)
+        MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(path)
         if self.mim.tokenizer is not None:
             self.mim.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+
+@dataclass
+class TokenizerTrainingOutput(ModelOutput):
+    """Loss of a SPAD-VT training step and its parts."""
+
+    loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    quant_loss: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+class SpadTokenizerTraining(nn.Module):
+    """SPAD-VT training (spec §a): ``L1(reconstruction, x) + quant_weight * quant_loss + entropy_weight * entropy``
+    on ``x = 2 * pixel_values - 1``.
+
+    The perceptual (LPIPS) and adversarial terms of upstream are not included: LPIPS needs ImageNet-trained
+    network weights, which medfm does not download.
+    """
+
+    def __init__(self, tokenizer: nn.Module, quant_weight: float = 0.03, entropy_weight: float = 1.0):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
+
+    def forward(
+        self, pixel_values: torch.Tensor, aniso_d: int, spacing: torch.Tensor | None = None, **kwargs
+    ):
+        x = pixel_values * 2 - 1
+        out = self.tokenizer(x, aniso_d=aniso_d)
+        reconstruction = (out.reconstruction - x).abs().mean()
+        loss = reconstruction + self.quant_weight * out.quant_loss + self.entropy_weight * out.entropy
+        return TokenizerTrainingOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction.detach(),
+            quant_loss=out.quant_loss.detach(),
+            entropy=out.entropy.detach(),
+        )
+
+    def tokens_per_batch(self, batch: dict[str, Any]) -> int:
+        stride = self.tokenizer.config.total_stride
+        shape = batch["pixel_values"].shape
+        depth = max(stride >> int(batch["aniso_d"]), 1)
+        return int(shape[0] * (shape[2] // depth) * (shape[3] // stride) * (shape[4] // stride))
+
+    def enable_activation_checkpointing(self) -> None:
+        raise ValueError("SPAD-VT has no transformer blocks to checkpoint")
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from ..processing import MedicalImageProcessor
+
+        self.tokenizer.save_pretrained(path)
+        MedicalImageProcessor.from_preset("spad-vt").save_pretrained(path)
 
 
 def random_projection_tokenizer(config, logit_scale: float = 3.0, seed: int = 0) -> nn.Module:
@@ -91,8 +159,24 @@ def _build_spad(
     return SpadMaskedImageModeling(mim)
 
 
+def _build_spad_tokenizer(
+    model: str | None, tokenizer: str | None, config: dict[str, Any], tokenizer_config: dict[str, Any]
+):
+    from ..models.spad import SpadVTConfig, SpadVTModel
+
+    settings = {**tokenizer_config, **config}
+    weights = {k: settings.pop(k) for k in ("quant_weight", "entropy_weight") if k in settings}
+    source = model or tokenizer
+    vt = (
+        SpadVTModel.from_pretrained(source, **settings)
+        if source is not None
+        else SpadVTModel(SpadVTConfig(**settings))
+    )
+    return SpadTokenizerTraining(vt, **weights)
+
+
 #: Objective name -> builder ``f(model, tokenizer, config, tokenizer_config) -> objective``.
-OBJECTIVES: dict[str, Callable[..., nn.Module]] = {"spad-vit": _build_spad}
+OBJECTIVES: dict[str, Callable[..., nn.Module]] = {"spad-vit": _build_spad, "spad-vt": _build_spad_tokenizer}
 
 
 def build_objective(name: str, **kwargs: Any) -> nn.Module:
