@@ -117,3 +117,22 @@ def test_crops_slices_and_corrupt_data_at_load_time(folder: Path, tmp_path: Path
         dataset[key]["pixel_values"], PretrainingDataset(infos, PROCESSOR)[key]["pixel_values"]
     )
     assert np.isfinite(float(dataset[key]["spacing"].sum()))
+
+
+def test_hugging_face_dataset_with_a_nifti_column(tmp_path: Path) -> None:
+    import datasets
+
+    from medfm.data import volumes_from_hf_dataset
+
+    on_disk = datasets.Dataset.from_dict({"scan": [str(NIBABEL_DATA / "anatomical.nii")], "id": [1]})
+    on_disk = on_disk.cast_column("scan", datasets.Nifti())
+    assert volumes_from_hf_dataset(on_disk) == [NIBABEL_DATA / "anatomical.nii"]
+    # Rows that only carry bytes are written to the cache folder once, then probe like files.
+    in_memory = datasets.Dataset.from_dict(
+        {"scan": [{"bytes": (NIBABEL_DATA / "anatomical.nii").read_bytes(), "path": None}]}
+    ).cast_column("scan", datasets.Nifti())
+    paths = volumes_from_hf_dataset(in_memory, cache_dir=tmp_path / "cache")
+    assert len(paths) == 1 and paths[0].parent == tmp_path / "cache"
+    assert probe_volumes(paths)[0].spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(DatasetError, match="no Nifti column"):
+        volumes_from_hf_dataset(datasets.Dataset.from_dict({"id": [1]}))

@@ -91,7 +91,11 @@ class AnisotropyBatchSampler:
         )
         groups: dict[int, list[int]] = defaultdict(list)
         for index, info in enumerate(infos):
-            groups[aniso_d_from_spacing(info.spacing, max_stride=patch)].append(index)
+            # A real 2D image (one slice) is 2D whatever its nominal z-spacing says.
+            level = (
+                TWO_D_ANISO_D if info.shape[0] == 1 else aniso_d_from_spacing(info.spacing, max_stride=patch)
+            )
+            groups[level].append(index)
         self.groups = dict(sorted(groups.items()))
         self.num_volumes = len(infos)
         self.batches_drawn = 0  # set by load_state_dict to resume the stream

@@ -22,7 +22,7 @@ from ..io.nifti import is_nifti_path
 from ..io.orientation import canonical_transform, choose_through_plane_axis
 from ..io.volume import spacing_from_affine
 
-__all__ = ["VolumeInfo", "discover_volumes", "probe_volumes"]
+__all__ = ["VolumeInfo", "discover_volumes", "probe_volumes", "volumes_from_hf_dataset"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,42 @@ def discover_volumes(source: str | os.PathLike | Iterable[str | os.PathLike]) ->
             "holds no NIfTI file or DICOM series; expected volumes to pre-train on",
             source if isinstance(source, str | os.PathLike) else None,
         )
+    return paths
+
+
+def volumes_from_hf_dataset(
+    dataset, column: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[Path]:
+    """Volume paths from a Hugging Face ``datasets.Dataset`` with a ``datasets.Nifti`` column.
+
+    The column is read undecoded (its files' paths); rows stored as bytes only are written once to
+    ``cache_dir``. (For labelled data, note that ``niftifolder`` loses folder-name labels of ``.nii.gz`` files;
+    give labels in a ``metadata.jsonl`` instead.)
+
+    Raises:
+        DatasetError: No Nifti column, or no row with data.
+    """
+    import datasets
+
+    columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Nifti)]
+    column = column or (columns[0] if columns else None)
+    if column is None or column not in dataset.features:
+        raise DatasetError(f"the dataset has no Nifti column (columns: {list(dataset.features)})")
+    raw = dataset.cast_column(column, datasets.Nifti(decode=False))
+    paths = []
+    for index, row in enumerate(raw[column]):
+        if row.get("path") and Path(row["path"]).is_file():
+            paths.append(Path(row["path"]))
+        elif row.get("bytes"):
+            folder = Path(cache_dir or Path.home() / ".cache" / "medfm" / "nifti")
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = ".nii.gz" if row["bytes"][:2] == b"\x1f\x8b" else ".nii"  # gzip magic, else plain NIfTI
+            target = folder / f"{index:07d}{suffix}"
+            if not target.exists():
+                target.write_bytes(row["bytes"])
+            paths.append(target)
+    if not paths:
+        raise DatasetError(f"column {column!r} holds no volume")
     return paths
 
 
