@@ -6,6 +6,11 @@ import os
 
 # Read once, when huggingface_hub is imported: set before anything imports it. Tests never reach the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist every worker is a process of its own: one intra-op thread each keeps the workers from
+# oversubscribing the cores (OpenMP threads spin-waiting on each other slow small-op tests by 50x).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import copy

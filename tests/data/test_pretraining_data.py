@@ -14,6 +14,7 @@ import torch
 from medfm.data import (
     AnisotropyBatchSampler,
     PretrainingDataset,
+    SampleKey,
     collate_samples,
     discover_volumes,
     probe_volumes,
@@ -136,3 +137,48 @@ def test_hugging_face_dataset_with_a_nifti_column(tmp_path: Path) -> None:
     assert probe_volumes(paths)[0].spacing == (2.0, 2.0, 2.0)
     with pytest.raises(DatasetError, match="no Nifti column"):
         volumes_from_hf_dataset(datasets.Dataset.from_dict({"id": [1]}))
+
+
+def test_a_broken_volume_is_replaced_from_its_own_group(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", data / "iso.nii")  # aniso_d 0
+    shutil.copy(NIBABEL_DATA / "resampled_anat_moved.nii", data / "thick.nii")  # aniso_d 1
+    whole = (NIBABEL_DATA / "resampled_anat_moved.nii").read_bytes()
+    (data / "thick_broken.nii").write_bytes(whole[: len(whole) - 2000])  # header fine, voxels cut short
+    infos = probe_volumes(discover_volumes(data))
+    broken = next(i for i, info in enumerate(infos) if info.path.name == "thick_broken.nii")
+    dataset = PretrainingDataset(infos, PROCESSOR)
+    with pytest.warns(UserWarning, match="thick_broken"):
+        sample = dataset[SampleKey(broken, 1, (16, 32, 32), seed=0)]
+    assert sample["spacing"].tolist() == [8.0, 4.0, 4.0]  # thick.nii stood in, not the isotropic volume
+
+
+def test_weight_decay_groups_and_checkpoint_settings() -> None:
+    from medfm.training import TrainingConfig
+    from medfm.training.loop import _parameter_groups
+    from medfm.training.objectives import build_objective
+
+    tiny_vt = {
+        "downsample_channels": [8, 8, 16],
+        "upsample_channels": [8, 8, 16],
+        "codebook_size": 8,
+        "embedding_dim": 16,
+    }
+    vt = build_objective("spad-vt", model=None, tokenizer=None, tokenizer_config={}, config=tiny_vt)
+    decay, no_decay = _parameter_groups(vt, 0.05)
+    assert len(decay["params"]) > 0  # conv and linear weights decay although every name starts "tokenizer."
+    assert all(p.ndim <= 1 for p in no_decay["params"])
+    tiny_vit = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "pos_embed_shape": [2, 2, 2],
+    }
+    mim = build_objective("spad-vit", model=None, tokenizer=None, config=tiny_vit, tokenizer_config=tiny_vt)
+    names = {id(p): n for n, p in mim.named_parameters()}
+    excluded = {names[id(p)].rsplit(".", 1)[-1] for p in _parameter_groups(mim, 0.05)[1]["params"]}
+    assert {"cls_token", "pos_embed", "mask_token", "bias"} <= excluded
+    with pytest.raises(ValueError, match="keep_last"):
+        TrainingConfig(keep_last=0)

@@ -24,7 +24,7 @@ from ..models.spad.spad_conv import TWO_D_ANISO_D, aniso_d_from_spacing
 from ..processing import MedicalImageProcessor
 from .sources import VolumeInfo
 
-__all__ = ["AnisotropyBatchSampler", "PretrainingDataset", "SampleKey", "collate_samples"]
+__all__ = ["AnisotropyBatchSampler", "PretrainingDataset", "SampleKey", "anisotropy_level", "collate_samples"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class SampleKey:
 def _stable_seed(*parts: int) -> int:
     digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def anisotropy_level(info: VolumeInfo, patch: int = 16) -> int:
+    """The SPAD ``aniso_d`` a volume is sampled at; a real 2D image (one slice) is 2D whatever its z-spacing."""
+    return TWO_D_ANISO_D if info.shape[0] == 1 else aniso_d_from_spacing(info.spacing, max_stride=patch)
 
 
 class AnisotropyBatchSampler:
@@ -91,11 +96,7 @@ class AnisotropyBatchSampler:
         )
         groups: dict[int, list[int]] = defaultdict(list)
         for index, info in enumerate(infos):
-            # A real 2D image (one slice) is 2D whatever its nominal z-spacing says.
-            level = (
-                TWO_D_ANISO_D if info.shape[0] == 1 else aniso_d_from_spacing(info.spacing, max_stride=patch)
-            )
-            groups[level].append(index)
+            groups[anisotropy_level(info, patch)].append(index)
         self.groups = dict(sorted(groups.items()))
         self.num_volumes = len(infos)
         self.batches_drawn = 0  # set by load_state_dict to resume the stream
@@ -134,9 +135,10 @@ class AnisotropyBatchSampler:
 class PretrainingDataset(Dataset):
     """Random crops (with random flips) of pre-processed volumes, keyed by :class:`SampleKey`.
 
-    Each volume goes through ``processor`` once (cached, least recently used first out); crops are padded
-    with the volume's minimum where the volume is smaller. A volume that fails to load is reported once by
-    name and replaced by another volume of the same key's group, so a corrupt file never stops a run.
+    Each volume goes through ``processor`` once (cached in float16, least recently used first out); crops are
+    padded with the volume's minimum where the volume is smaller. A volume that fails to load is reported once
+    by name and replaced by another volume of the key's anisotropy group (any volume for a 2D slice), so a
+    corrupt file never stops a run and a batch never mixes levels.
 
     Args:
         infos: The probed volumes.
@@ -144,8 +146,15 @@ class PretrainingDataset(Dataset):
         cache_size: Processed volumes kept in memory per worker.
     """
 
-    def __init__(self, infos: Sequence[VolumeInfo], processor: MedicalImageProcessor, cache_size: int = 8):
+    def __init__(
+        self,
+        infos: Sequence[VolumeInfo],
+        processor: MedicalImageProcessor,
+        cache_size: int = 4,
+        patch: int = 16,
+    ):
         self.infos = list(infos)
+        self.levels = [anisotropy_level(info, patch) for info in self.infos]
         self.processor = processor
         self.cache_size = cache_size
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -159,22 +168,29 @@ class PretrainingDataset(Dataset):
             self._cache.move_to_end(index)
             return self._cache[index]
         tensor, _ = self.processor.process_volume(load_volume(self.infos[index].path))
+        tensor = tensor.to(torch.float16)  # half the memory; crops go back to float32
         self._cache[index] = tensor
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return tensor
 
     def _load(self, key: SampleKey) -> tuple[torch.Tensor, int]:
-        index = key.index
-        for attempt in range(len(self.infos)):
-            if index not in self.bad:
-                try:
-                    return self._volume(index), index
-                except (MedfmError, OSError, ValueError, EOFError) as error:
-                    self.bad.add(index)
-                    warnings.warn(f"skipping {self.infos[index].path}: {error}", stacklevel=3)
-            index = (key.index + attempt + 1) % len(self.infos)
-        raise MedfmError("every volume of the dataset failed to load")
+        # The key's volume first, then the others of its group (any volume for a 2D slice) in a fixed order.
+        pool = (
+            list(range(len(self.infos)))
+            if key.two_d
+            else [i for i, lv in enumerate(self.levels) if lv == key.aniso_d]
+        )
+        start = pool.index(key.index) if key.index in pool else 0
+        for index in pool[start:] + pool[:start]:
+            if index in self.bad:
+                continue
+            try:
+                return self._volume(index), index
+            except (MedfmError, OSError, ValueError, EOFError) as error:
+                self.bad.add(index)
+                warnings.warn(f"skipping {self.infos[index].path}: {error}", stacklevel=3)
+        raise MedfmError(f"every volume of anisotropy group {key.aniso_d} failed to load")
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         volume, index = self._load(key)
@@ -182,7 +198,7 @@ class PretrainingDataset(Dataset):
         if key.two_d:
             depth = int(torch.randint(volume.shape[1], (1,), generator=generator))
             volume = volume[:, depth : depth + 1]
-        crop = _random_crop(volume, key.crop, generator)
+        crop = _random_crop(volume, key.crop, generator).float()
         for axis in (1, 2, 3):
             if crop.shape[axis] > 1 and bool(torch.rand(1, generator=generator) < 0.5):
                 crop = crop.flip(axis)

@@ -59,6 +59,8 @@ class TrainingConfig:
         keep_last: Checkpoints kept.
         log_every: Log to the trackers every this many steps.
         resume_from: ``"latest"`` or a checkpoint folder to resume from; ``None`` to start afresh.
+        stop_after: Stop after this step (the schedule still spans ``steps``): an interruption, for tests
+            and for jobs cut into time slices.
     """
 
     steps: int = 1000
@@ -76,6 +78,11 @@ class TrainingConfig:
     keep_last: int = 2
     log_every: int = 10
     resume_from: str | None = None
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1; got {self.keep_last}")
 
 
 @dataclass
@@ -157,7 +164,8 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        plain = parameter.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        last = name.rsplit(".", 1)[-1]
+        plain = parameter.ndim <= 1 or last in ("bias", "cls_token", "mask_token", "pos_embed")
         (no_decay if plain else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -194,6 +202,8 @@ def _save_checkpoint(accelerator, output_dir: str, step: int, keep_last: int) ->
         os.replace(temporary, final)  # readers never see a half-written checkpoint
         for old in sorted(root.glob("step-*"))[:-keep_last]:
             shutil.rmtree(old)
+        for stale in root.glob(".step-*.tmp"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -225,9 +235,11 @@ def train(
     accelerator = accelerator or _make_accelerator(config)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared: Accelerate's wrapper steps it once per process, which with N processes
+    # would run the schedule N times too fast. It steps once per optimizer step here, and is checkpointed.
+    model, optimizer = accelerator.prepare(model, optimizer)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
+    accelerator.register_for_checkpointing(progress, scheduler)
     if config.output_dir is not None and accelerator.log_with:
         accelerator.init_trackers("medfm", config={k: v for k, v in asdict(config).items() if v is not None})
 
@@ -243,22 +255,26 @@ def train(
             )
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+    if progress.step >= config.steps:
+        accelerator.print(f"nothing to train: the checkpoint is at step {progress.step} of {config.steps}")
     if data_position is not None:
         data_position(progress.micro_batches)
     stream = batches() if callable(batches) else batches
 
     history = TrainingHistory(first_step=progress.step + 1)
     start, samples, tokens = time.perf_counter(), 0, 0
+    last_step = min(config.steps, config.stop_after or config.steps)
     bar = tqdm(
-        total=config.steps,
-        initial=progress.step,
+        total=last_step,
+        initial=min(progress.step, last_step),
         desc=description,
         unit="step",
         disable=not accelerator.is_main_process,
         mininterval=1.0,
     )
     model.train()
-    while progress.step < config.steps:
+    while progress.step < last_step:
+        step_loss = 0.0
         for _ in range(config.accumulation_steps):
             batch = {
                 k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
@@ -271,12 +287,16 @@ def train(
                 if accelerator.sync_gradients and config.grad_clip is not None:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
+            step_loss += float(loss.detach()) / config.accumulation_steps
             samples += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 1
             tokens += tokens_per_batch(batch) if tokens_per_batch is not None else 0
         progress.step += 1
-        history.losses.append(float(loss.detach()))
+        # The step's loss: the mean over its micro-batches and over the processes.
+        mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="mean")
+        history.losses.append(float(mean_loss))
         elapsed = max(time.perf_counter() - start, 1e-9)
         figures = {
             "loss": history.losses[-1],

@@ -23,6 +23,7 @@ __all__ = [
     "SpadTokenizerTraining",
     "TokenizerTrainingOutput",
     "build_objective",
+    "global_code_use_loss",
     "random_projection_tokenizer",
 ]
 
@@ -80,6 +81,20 @@ class TokenizerTrainingOutput(ModelOutput):
     entropy: torch.Tensor | None = None
 
 
+def global_code_use_loss(probabilities: torch.Tensor) -> torch.Tensor:
+    """``sum_k pbar_k log pbar_k``, ``pbar`` the mean code distribution over every token of the *global* batch.
+
+    The per-rank means are all-gathered (differentiably), as upstream does, so the regulariser does not change
+    with the number of processes.
+    """
+    mean = probabilities.flatten(0, -2).float().mean(dim=0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.nn.functional import all_gather
+
+        mean = torch.stack(all_gather(mean)).mean(dim=0)
+    return (mean * mean.clamp_min(1e-12).log()).sum()
+
+
 class SpadTokenizerTraining(nn.Module):
     """SPAD-VT training (spec §a): ``L1(reconstruction, x) + quant_weight * quant_loss + entropy_weight * entropy``
     on ``x = 2 * pixel_values - 1``.
@@ -99,11 +114,12 @@ class SpadTokenizerTraining(nn.Module):
         x = pixel_values * 2 - 1
         out = self.tokenizer(x, aniso_d=aniso_d)
         reconstruction = (out.reconstruction - x).abs().mean()
-        loss = reconstruction + self.quant_weight * out.quant_loss + self.entropy_weight * out.entropy
+        quant_loss = global_code_use_loss(out.probabilities)
+        loss = reconstruction + self.quant_weight * quant_loss + self.entropy_weight * out.entropy
         return TokenizerTrainingOutput(
             loss=loss,
             reconstruction_loss=reconstruction.detach(),
-            quant_loss=out.quant_loss.detach(),
+            quant_loss=quant_loss.detach(),
             entropy=out.entropy.detach(),
         )
 

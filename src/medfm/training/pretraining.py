@@ -46,6 +46,9 @@ def pretraining_parser(
     parser.add_argument("--keep-last", type=int, default=3)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument(
+        "--stop-after", type=int, help="stop after this step (the schedule still spans --steps)"
+    )
+    parser.add_argument(
         "--resume_from_checkpoint",
         "--resume-from-checkpoint",
         dest="resume",
@@ -53,7 +56,9 @@ def pretraining_parser(
     )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--losses-file", help="also write this rank's losses (JSON) here")
+    parser.add_argument(
+        "--losses-file", help="also write the losses (JSON) here; with N processes, one per rank"
+    )
     parser.add_argument(
         "--weights-digest-dir", help="write each rank's final weight digest here (DDP checks)"
     )
@@ -144,6 +149,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
         keep_last=args.keep_last,
         log_every=args.log_every,
         resume_from=args.resume,
+        stop_after=args.stop_after,
     )
     history = train(
         objective,
@@ -155,9 +161,10 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     )
 
     if args.losses_file:
-        Path(args.losses_file).write_text(
-            json.dumps({"first_step": history.first_step, "losses": history.losses})
-        )
+        target = Path(args.losses_file)
+        if state.num_processes > 1:
+            target = target.with_name(f"{target.stem}.rank{state.process_index}{target.suffix}")
+        target.write_text(json.dumps({"first_step": history.first_step, "losses": history.losses}))
     if args.weights_digest_dir:
         digest = hashlib.sha256()
         for name, tensor in sorted(objective.state_dict().items()):
