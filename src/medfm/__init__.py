@@ -10,6 +10,7 @@ from transformers import AutoImageProcessor
 
 from . import errors
 from .io import MedicalVolume, load_volume, write_nifti
+from .layers.varlen_attention import register_varlen_attention
 from .models.registry import register_all
 from .pipelines import register_pipelines
 from .processing import MedicalImageProcessor
@@ -32,6 +33,7 @@ def _register() -> None:
     )
     register_all()
     register_pipelines()
+    register_varlen_attention()
 
 
 _register()

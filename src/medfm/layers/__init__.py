@@ -5,13 +5,17 @@ from .masking import random_visible_indices, visible_indices_from_mask
 from .mlp import SwiGLU
 from .position import resample_position_grid
 from .rope import Rope3D, apply_interleaved_rope
+from .varlen_attention import VARLEN_IMPLEMENTATION, block_diagonal_mask, register_varlen_attention
 
 __all__ = [
+    "VARLEN_IMPLEMENTATION",
     "Rope3D",
     "SwiGLU",
     "apply_interleaved_rope",
+    "block_diagonal_mask",
     "eager_attention_forward",
     "random_visible_indices",
+    "register_varlen_attention",
     "resample_position_grid",
     "run_attention",
     "visible_indices_from_mask",

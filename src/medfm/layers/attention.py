@@ -40,12 +40,14 @@ def run_attention(
     scaling: float,
     dropout: float = 0.0,
     attention_mask: torch.Tensor | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch to the configured attention implementation (``config._attn_implementation``).
 
-    ``module`` must define ``is_causal = False`` for the transformers implementations.
+    ``module`` must define ``is_causal = False`` for the transformers implementations. Extra keyword
+    arguments (``cu_seqlens`` for packed sequences) reach implementations that take them.
     """
     interface = eager_attention_forward
     if implementation not in (None, "eager"):
         interface = ALL_ATTENTION_FUNCTIONS[implementation]
-    return interface(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+    return interface(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -7,6 +7,7 @@ Networks*, arXiv 2312.07630. Module and parameter names follow the upstream code
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "SpadViTForSemanticSegmentation",
     "SpadViTMaskedImageModelingOutput",
     "SpadViTModel",
+    "SpadViTPackedOutput",
     "SpadViTPreTrainedModel",
     "SpadViTSegmentationOutput",
 ]
@@ -135,8 +137,10 @@ class SpadViTAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, **attention_kwargs
     ) -> torch.Tensor:
+        """``rope_cos``/``rope_sin`` cover every token (identity rows for cls tokens); ``attention_kwargs`` carry
+        a packed batch's ``attention_mask`` or ``cu_seqlens``."""
         batch, length, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.q_bias is not None:
@@ -144,11 +148,9 @@ class SpadViTAttention(nn.Module):
             value = value + self.v_bias
         heads = (batch, length, self.num_heads, self.head_dim)
         query, key, value = (t.view(heads).transpose(1, 2) for t in (query, key, value))
-        # RoPE on patch tokens only; token 0 is the cls token.
-        query = torch.cat(
-            [query[:, :, :1], apply_interleaved_rope(query[:, :, 1:], rope_cos, rope_sin)], dim=2
-        )
-        key = torch.cat([key[:, :, :1], apply_interleaved_rope(key[:, :, 1:], rope_cos, rope_sin)], dim=2)
+        # The cls rows of the tables are the identity (cos 1, sin 0): an exact no-op, so cls tokens stay unrotated.
+        query = apply_interleaved_rope(query, rope_cos, rope_sin)
+        key = apply_interleaved_rope(key, rope_cos, rope_sin)
         output, _ = run_attention(
             self,
             query,
@@ -157,6 +159,7 @@ class SpadViTAttention(nn.Module):
             implementation=self.config._attn_implementation,
             scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0,
+            **attention_kwargs,
         )
         return self.proj(output.reshape(batch, length, -1))
 
@@ -172,9 +175,11 @@ class SpadViTLayer(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, sub_norm_eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, **attention_kwargs
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rope_cos, rope_sin)
+        hidden_states = hidden_states + self.attn(
+            self.norm1(hidden_states), rope_cos, rope_sin, **attention_kwargs
+        )
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
@@ -312,7 +317,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
                 raise ValueError("this model has no mask_token; build it with use_mask_token=True for MIM")
             tokens = torch.where(masked[..., None], self.mask_token.to(tokens.dtype), tokens)
         hidden = torch.cat([self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens], dim=1)
-        rope_cos, rope_sin = self.rope(grid, device=hidden.device)
+        rope_cos, rope_sin = _with_cls_rows(*self.rope(grid, device=hidden.device))
 
         # With mask_layer_ids, the other blocks see only the cls and visible tokens (MAE-style).
         partial = masked is not None and self.config.mask_layer_ids is not None
@@ -367,16 +372,118 @@ class SpadViTModel(SpadViTPreTrainedModel):
         width = hidden.shape[-1]
         token_index = (visible + 1)[..., None].expand(-1, -1, width)  # +1: skip cls
         subset = torch.cat([hidden[:, :1], hidden.gather(1, token_index)], dim=1)
-        out = block(subset, rope_cos[visible], rope_sin[visible])  # each token keeps its own angles
+        rows = torch.cat([torch.zeros_like(visible[:, :1]), visible + 1], dim=1)  # cls row, then visible rows
+        out = block(subset, rope_cos[rows], rope_sin[rows])  # each token keeps its own angles
         return torch.cat(
             [out[:, :1], hidden[:, 1:].scatter(1, visible[..., None].expand(-1, -1, width), out[:, 1:])],
             dim=1,
+        )
+
+    def forward_packed(
+        self,
+        volumes: list[torch.Tensor],
+        spacings: list | None = None,
+        aniso_ds: list[int] | None = None,
+        output_hidden_states: bool = False,
+    ) -> SpadViTPackedOutput:
+        r"""Run volumes of different shapes and spacings as one packed token stream.
+
+        Each volume (``(C, D, H, W)``, or ``(C, H, W)`` for a 2D image) is embedded at its own anisotropy level,
+        with the position table resampled to its own grid and its own RoPE angles; attention stays within each
+        volume's tokens. No padding is computed. The result equals running each volume alone (within float
+        tolerance); :meth:`SpadViTPackedOutput.unpack` splits it.
+
+        Attention: ``attn_implementation="medfm_varlen"`` runs per-sequence kernels (flash-attn's varlen kernel
+        on a GPU when installed); ``eager`` and ``sdpa`` get a block-diagonal mask (a reference path whose memory
+        grows with the square of the total length).
+
+        Args:
+            volumes: The volumes.
+            spacings: One ``(z, y, x)`` spacing per volume (or ``None`` entries for 2D images).
+            aniso_ds: Explicit anisotropy levels, overriding ``spacings``.
+            output_hidden_states: Also return the embeddings and every block's output.
+        """
+        from ...layers.varlen_attention import VARLEN_IMPLEMENTATION, block_diagonal_mask
+
+        if not volumes:
+            raise ValueError("forward_packed needs at least one volume")
+        dtype = self.patch_embed.proj.weight.dtype
+        sequences, cos_rows, sin_rows, grids = [], [], [], []
+        for index, volume in enumerate(volumes):
+            if volume.ndim == 3:
+                volume = volume.unsqueeze(1)  # (C, H, W): one slice
+            if volume.ndim != 4:
+                raise ValueError(
+                    f"volume {index} must be (C, D, H, W) or (C, H, W); got {tuple(volume.shape)}"
+                )
+            volume = volume[None].to(dtype)
+            spacing = spacings[index] if spacings is not None else None
+            level = self.resolve_aniso_d(volume, spacing, aniso_ds[index] if aniso_ds is not None else None)
+            tokens, grid = self.embed(volume, level)
+            sequences.append(torch.cat([self.cls_token[0].to(tokens.dtype), tokens[0]]))
+            cos, sin = _with_cls_rows(*self.rope(grid, device=tokens.device))
+            cos_rows.append(cos)
+            sin_rows.append(sin)
+            grids.append(grid)
+        lengths = torch.tensor([len(s) for s in sequences], device=sequences[0].device)
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        hidden = torch.cat(sequences)[None]
+        rope_cos, rope_sin = torch.cat(cos_rows), torch.cat(sin_rows)
+        if self.config._attn_implementation == VARLEN_IMPLEMENTATION:
+            attention_kwargs = {"cu_seqlens": cu_seqlens}
+        else:
+            attention_kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
+        all_hidden = [hidden[0]] if output_hidden_states else None
+        for block in self.blocks:
+            hidden = block(hidden, rope_cos, rope_sin, **attention_kwargs)
+            if all_hidden is not None:
+                all_hidden.append(hidden[0])
+        sequence = self.norm(hidden)[0]
+        return SpadViTPackedOutput(
+            last_hidden_state=sequence,
+            pooler_output=sequence[cu_seqlens[:-1]],
+            cu_seqlens=cu_seqlens,
+            grids=tuple(grids),
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
     def token_grid(self, input_shape: tuple[int, ...], aniso_d: int) -> tuple[int, int, int]:
         """Token grid ``(D', H', W')`` for an input of spatial shape ``input_shape[-3:]``."""
         patch = self.patch_embed.patch_shape(aniso_d)
         return tuple(n // p for n, p in zip(input_shape[-3:], patch))  # type: ignore[return-value]
+
+
+def _with_cls_rows(cos: torch.Tensor, sin: torch.Tensor, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend identity rotations (cos 1, sin 0) for ``count`` cls tokens."""
+    return (
+        torch.cat([cos.new_ones(count, cos.shape[-1]), cos]),
+        torch.cat([sin.new_zeros(count, sin.shape[-1]), sin]),
+    )
+
+
+@dataclass
+class SpadViTPackedOutput(ModelOutput):
+    """Output of :meth:`SpadViTModel.forward_packed`.
+
+    Attributes:
+        last_hidden_state: ``(total_tokens, E)``: every sequence's cls token then its patch tokens, final norm.
+        pooler_output: ``(num_sequences, E)`` cls tokens.
+        cu_seqlens: ``(num_sequences + 1,)`` offsets of the sequences in ``last_hidden_state``.
+        grids: Token grid ``(D', H', W')`` of each sequence.
+        hidden_states: Per block (and the embeddings), ``(total_tokens, E)``, when asked.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    grids: tuple[tuple[int, int, int], ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def unpack(self, tensor: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Split a packed ``(total_tokens, ...)`` tensor (default: ``last_hidden_state``) into sequences."""
+        tensor = self.last_hidden_state if tensor is None else tensor
+        bounds = self.cu_seqlens.tolist()
+        return [tensor[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 # --- masked image modeling -----------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""Attention over packed variable-length sequences (several volumes' tokens in one stream).
+
+A packed batch is ``(1, total_tokens, ...)`` with ``cu_seqlens`` (cumulative sequence lengths, ``[0, n1,
+n1 + n2, ...]``); tokens attend only within their own sequence. Two ways to run it:
+
+* ``block_diagonal_mask(cu_seqlens)``: an additive mask for transformers' ``eager`` and ``sdpa``
+  implementations (memory quadratic in the total length: a reference path);
+* the ``"medfm_varlen"`` implementation registered with transformers' ``AttentionInterface``
+  (``attn_implementation="medfm_varlen"``): ``flash_attn_varlen_func`` when flash-attn is installed and the
+  tensors are on a GPU, otherwise SDPA on each sequence in turn (exact, linear in memory).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+__all__ = [
+    "VARLEN_IMPLEMENTATION",
+    "block_diagonal_mask",
+    "register_varlen_attention",
+    "varlen_attention_forward",
+]
+
+VARLEN_IMPLEMENTATION = "medfm_varlen"
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive ``(1, 1, T, T)`` mask: 0 within a sequence, the dtype's minimum across sequences."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    ids = torch.repeat_interleave(
+        torch.arange(len(lengths), device=cu_seqlens.device), torch.tensor(lengths, device=cu_seqlens.device)
+    )
+    same = ids[:, None] == ids[None, :]
+    mask = torch.zeros(same.shape, dtype=dtype, device=cu_seqlens.device)
+    mask.masked_fill_(~same, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def _flash_varlen(query, key, value, cu_seqlens, scaling, dropout):
+    from flash_attn import flash_attn_varlen_func
+
+    # flash-attn takes (total, heads, head_dim) and int32 offsets.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    offsets = cu_seqlens.to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen_func(
+        q, k, v, offsets, offsets, longest, longest, dropout_p=dropout, softmax_scale=scaling
+    )
+    return out[None]  # (1, total, heads, head_dim)
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention within each packed sequence; ``query``/``key``/``value`` are ``(1, heads, total, head_dim)``.
+
+    Without ``cu_seqlens`` (an ordinary batch) this is plain SDPA. Returns ``(1, total, heads, head_dim)``.
+    """
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"a packed batch has batch size 1 (all sequences in one stream); got {query.shape[0]}"
+        )
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return _flash_varlen(query, key, value, cu_seqlens, scaling, dropout), None
+        except ImportError:
+            pass
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        piece = [t[:, :, start:end] for t in (query, key, value)]
+        outputs.append(F.scaled_dot_product_attention(*piece, dropout_p=dropout, scale=scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> None:
+    """Make ``attn_implementation="medfm_varlen"`` available to every model (idempotent)."""
+    AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)

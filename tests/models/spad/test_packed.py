@@ -1,0 +1,88 @@
+"""Packed variable-length sequences: volumes of different shapes and spacings in one token stream give the
+same outputs and gradients as each volume alone, with every attention implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medfm  # noqa: F401  (registers medfm_varlen)
+from medfm.layers import VARLEN_IMPLEMENTATION, block_diagonal_mask
+from medfm.layers.varlen_attention import varlen_attention_forward
+from medfm.models.spad import SpadViTConfig, SpadViTModel
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=85,
+    pos_embed_shape=(2, 3, 3),
+)
+
+
+def _volumes():
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(3, 16, 32, 48, generator=generator), (2.0, 0.5, 0.5)),  # aniso_d 2: 4 x 2 x 3 tokens
+        (torch.randn(3, 32, 32, 32, generator=generator), (1.0, 1.0, 1.0)),  # aniso_d 0: 2 x 2 x 2 tokens
+        (torch.randn(3, 48, 64, generator=generator), None),  # a 2D image: 1 x 3 x 4 tokens
+    ]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", VARLEN_IMPLEMENTATION])
+def test_packed_equals_each_volume_alone(implementation: str) -> None:
+    torch.manual_seed(0)
+    model = SpadViTModel(SpadViTConfig(**TINY)).eval()
+    model.set_attn_implementation(implementation)
+    volumes = _volumes()
+    with torch.no_grad():
+        packed = model.forward_packed(
+            [v for v, _ in volumes], spacings=[s for _, s in volumes], output_hidden_states=True
+        )
+        alone = [
+            model(v[None] if v.ndim == 4 else v[None], spacing=s, output_hidden_states=True)
+            for v, s in volumes
+        ]
+    assert packed.cu_seqlens.tolist() == [0, 25, 34, 47]
+    assert packed.grids == ((4, 2, 3), (2, 2, 2), (1, 3, 4))
+    for pieces, single in zip(packed.unpack(), alone):
+        torch.testing.assert_close(pieces, single.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        packed.pooler_output, torch.cat([a.pooler_output for a in alone]), atol=1e-5, rtol=1e-5
+    )
+    for layer in range(len(packed.hidden_states)):
+        for pieces, single in zip(packed.unpack(packed.hidden_states[layer]), alone):
+            torch.testing.assert_close(pieces, single.hidden_states[layer][0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradients_equal_separate_gradients() -> None:
+    torch.manual_seed(0)
+    model = SpadViTModel(SpadViTConfig(**TINY)).train()
+    model.set_attn_implementation(VARLEN_IMPLEMENTATION)
+    volumes = _volumes()
+    model.forward_packed([v for v, _ in volumes], spacings=[s for _, s in volumes]).last_hidden_state.pow(
+        2
+    ).sum().backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for volume, spacing in volumes:
+        model(volume[None], spacing=spacing).last_hidden_state.pow(2).sum().backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(packed[name], parameter.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_block_diagonal_mask_and_varlen_reference() -> None:
+    mask = block_diagonal_mask(torch.tensor([0, 2, 5]))
+    blocked = mask[0, 0] < 0
+    assert blocked.shape == (5, 5) and not blocked[:2, :2].any() and not blocked[2:, 2:].any()
+    assert blocked[:2, 2:].all() and blocked[2:, :2].all()
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    plain, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=8**-0.5)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    torch.testing.assert_close(plain, reference)
+    with pytest.raises(ValueError, match="batch size 1"):
+        varlen_attention_forward(
+            torch.nn.Module(), q, k, v, None, scaling=1.0, cu_seqlens=torch.tensor([0, 3, 7])
+        )
+    with pytest.raises(ValueError, match="at least one volume"):
+        SpadViTModel(SpadViTConfig(**TINY)).forward_packed([])
