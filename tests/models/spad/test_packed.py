@@ -39,10 +39,8 @@ def test_packed_equals_each_volume_alone(implementation: str) -> None:
         packed = model.forward_packed(
             [v for v, _ in volumes], spacings=[s for _, s in volumes], output_hidden_states=True
         )
-        alone = [
-            model(v[None] if v.ndim == 4 else v[None], spacing=s, output_hidden_states=True)
-            for v, s in volumes
-        ]
+        # A 3D volume becomes (1, C, D, H, W); the 2D image (1, C, H, W), which the model reads as one slice.
+        alone = [model(v[None], spacing=s, output_hidden_states=True) for v, s in volumes]
     assert packed.cu_seqlens.tolist() == [0, 25, 34, 47]
     assert packed.grids == ((4, 2, 3), (2, 2, 2), (1, 3, 4))
     for pieces, single in zip(packed.unpack(), alone):
