@@ -2,12 +2,14 @@
 #   make test   set up .venv and run the test suite
 #   make demo   set up .venv and run the end-to-end demo on data shipped with the dependencies
 # GPU users: `make test TORCH=torch` (or any torch requirement) installs the CUDA build instead of the
-# pinned CPU wheel used on our CI machines.
+# pinned CPU wheel used on our CI machines. `make test EXTRAS=dev,demo,triton` adds Triton, whose kernel
+# tests then run (under the Triton interpreter on CPU).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
+EXTRAS ?= dev,demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfm-installed
 
@@ -21,7 +23,7 @@ $(BIN)/python:
 # unpinned `torch` requirement is already satisfied and no multi-GB CUDA build is pulled.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)
