@@ -111,6 +111,7 @@ class CommonModelTests:
         model.save_pretrained(tmp_path)
         inputs = self.make_inputs()
         eager = self.model_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        assert eager.config._attn_implementation == "eager"  # the switch really applies
         outputs = [self.run(eager, inputs)]
         if getattr(self.model_class, "_supports_sdpa", False):
             sdpa = self.model_class.from_pretrained(tmp_path, attn_implementation="sdpa").eval()

@@ -1,6 +1,6 @@
 """Building blocks shared by medfm's model families (dimension-agnostic where that is natural)."""
 
-from .attention import eager_attention_forward, run_attention
+from .attention import eager_attention_forward
 from .masking import random_visible_indices, visible_indices_from_mask
 from .mlp import SwiGLU
 from .position import resample_position_grid
@@ -17,6 +17,5 @@ __all__ = [
     "random_visible_indices",
     "register_varlen_attention",
     "resample_position_grid",
-    "run_attention",
     "visible_indices_from_mask",
 ]

@@ -1,12 +1,11 @@
-"""Attention through transformers' ``ALL_ATTENTION_FUNCTIONS``: ``eager`` here, ``sdpa`` and others from there."""
+"""The eager attention function models pass to ``ALL_ATTENTION_FUNCTIONS.get_interface`` as the default."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["eager_attention_forward", "run_attention"]
+__all__ = ["eager_attention_forward"]
 
 
 def eager_attention_forward(
@@ -28,26 +27,3 @@ def eager_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
-
-
-def run_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    implementation: str | None,
-    scaling: float,
-    dropout: float = 0.0,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatch to the configured attention implementation (``config._attn_implementation``).
-
-    ``module`` must define ``is_causal = False`` for the transformers implementations. Extra keyword
-    arguments (``cu_seqlens`` for packed sequences) reach implementations that take them.
-    """
-    interface = eager_attention_forward
-    if implementation not in (None, "eager"):
-        interface = ALL_ATTENTION_FUNCTIONS[implementation]
-    return interface(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

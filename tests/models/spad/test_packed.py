@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 import medfm  # noqa: F401  (registers medfm_varlen)
 from medfm.layers import VARLEN_IMPLEMENTATION, block_diagonal_mask
@@ -34,13 +35,28 @@ def test_packed_equals_each_volume_alone(implementation: str) -> None:
     torch.manual_seed(0)
     model = SpadViTModel(SpadViTConfig(**TINY)).eval()
     model.set_attn_implementation(implementation)
+    assert model.config._attn_implementation == implementation  # the switch really applies
     volumes = _volumes()
-    with torch.no_grad():
-        packed = model.forward_packed(
-            [v for v, _ in volumes], spacings=[s for _, s in volumes], output_hidden_states=True
-        )
-        # A 3D volume becomes (1, C, D, H, W); the 2D image (1, C, H, W), which the model reads as one slice.
-        alone = [model(v[None], spacing=s, output_hidden_states=True) for v, s in volumes]
+    calls: list = []
+
+    def spy(*args, **kwargs):  # proves the packed stream reaches the varlen function with its offsets
+        calls.append(kwargs.get("cu_seqlens"))
+        return varlen_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register(VARLEN_IMPLEMENTATION, spy)
+    try:
+        with torch.no_grad():
+            packed = model.forward_packed(
+                [v for v, _ in volumes], spacings=[s for _, s in volumes], output_hidden_states=True
+            )
+            # A 3D volume becomes (1, C, D, H, W); the 2D image (1, C, H, W), which the model reads as one slice.
+            alone = [model(v[None], spacing=s, output_hidden_states=True) for v, s in volumes]
+    finally:
+        AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
+    if implementation == VARLEN_IMPLEMENTATION:
+        assert calls and calls[0].tolist() == [0, 25, 34, 47]
+    else:
+        assert not calls
     assert packed.cu_seqlens.tolist() == [0, 25, 34, 47]
     assert packed.grids == ((4, 2, 3), (2, 2, 2), (1, 3, 4))
     for pieces, single in zip(packed.unpack(), alone):

@@ -16,16 +16,16 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ...layers import (
     Rope3D,
     SwiGLU,
     apply_interleaved_rope,
+    eager_attention_forward,
     random_visible_indices,
     resample_position_grid,
-    run_attention,
     visible_indices_from_mask,
 )
 from .configuration_spad import SpadViTConfig
@@ -151,12 +151,16 @@ class SpadViTAttention(nn.Module):
         # The cls rows of the tables are the identity (cos 1, sin 0): an exact no-op, so cls tokens stay unrotated.
         query = apply_interleaved_rope(query, rope_cos, rope_sin)
         key = apply_interleaved_rope(key, rope_cos, rope_sin)
-        output, _ = run_attention(
+        # Through transformers' interface, so attn_implementation ("eager", "sdpa", "medfm_varlen"...) applies.
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_interface(
             self,
             query,
             key,
             value,
-            implementation=self.config._attn_implementation,
+            attention_kwargs.pop("attention_mask", None),
             scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0,
             **attention_kwargs,
