@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import medfm  # noqa: F401
 from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
 from medfm.training.classification import _auc
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "finetune_classification.py"
+from . import load_example
 
 
 @pytest.mark.slow
@@ -38,10 +37,7 @@ def test_finetune_classification_example(tmp_path: Path, anatomical_path: Path) 
             pos_embed_shape=(2, 2, 2),
         )
     ).save_pretrained(pretrained)
-    spec = importlib.util.spec_from_file_location("finetune_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    final = module.main(
+    final = load_example("finetune_classification").main(
         [
             "--model",
             str(pretrained),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,14 +14,7 @@ import medfm  # noqa: F401
 from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
 from medfm.processing import MedicalImageProcessor
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "finetune_segmentation.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("finetune_segmentation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from . import load_example
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ def pretrained(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("adapters", [[], ["--lora", "--lora-rank", "2"]], ids=["full", "lora"])
 def test_finetune_segmentation_example(adapters, decathlon: Path, pretrained: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
-    final = _example().main(
+    final = load_example("finetune_segmentation").main(
         [
             "--model",
             str(pretrained),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,8 +17,9 @@ import medfm  # noqa: F401
 from medfm.models.spad import SpadViTModel
 
 from ..conftest import NIBABEL_DATA
+from . import EXAMPLES, load_example
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain_mim.py"
+SCRIPT = EXAMPLES / "pretrain_mim.py"
 TINY = [
     "--crop-size",
     "32",
@@ -62,13 +62,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("pretrain_mim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory, mni_t1_path: Path) -> Path:
     """Volumes nibabel and nilearn ship, at three spacings, plus a corrupt file."""
@@ -83,7 +76,7 @@ def volumes(tmp_path_factory, mni_t1_path: Path) -> Path:
 @pytest.mark.slow
 def test_loss_falls_and_backbone_loads(volumes: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"skipping .*corrupt\.nii\.gz"):
-        losses = _example().main(
+        losses = load_example("pretrain_mim").main(
             [
                 "--data",
                 str(volumes),
@@ -118,7 +111,7 @@ def test_resume_reproduces_the_uninterrupted_losses(volumes: Path, tmp_path: Pat
     Warm-up (3) is shorter than the run, so a wrong schedule would show; micro-batches are accumulated (2) and
     loaded by two workers, so a wrong data position would show.
     """
-    example = _example()
+    example = load_example("pretrain_mim")
     common = [
         "--data",
         str(volumes),
@@ -159,7 +152,9 @@ def test_empty_data_fails_before_building_a_model(tmp_path: Path) -> None:
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="holds no NIfTI file"):
-        _example().main(["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "run"), *TINY])
+        load_example("pretrain_mim").main(
+            ["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "run"), *TINY]
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -221,22 +216,13 @@ def test_two_processes_hold_identical_weights_and_rank_zero_writes(volumes: Path
     ]
 
 
-def _tokenizer_example():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_tokenizer", SCRIPT.parent / "pretrain_tokenizer.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_tokenizer_pretraining_then_mim_with_it(volumes: Path, tmp_path: Path) -> None:
     from medfm.models.spad import SpadVTModel
 
     tokenizer_config = json.loads(TINY[TINY.index("--tokenizer-config") + 1])
     with pytest.warns(UserWarning, match="corrupt"):
-        losses = _tokenizer_example().main(
+        losses = load_example("pretrain_tokenizer").main(
             [
                 "--data",
                 str(volumes),
@@ -265,7 +251,7 @@ def test_tokenizer_pretraining_then_mim_with_it(volumes: Path, tmp_path: Path) -
     args = [a for a in TINY]
     position = args.index("--tokenizer-config")
     del args[position : position + 2]
-    mim_losses = _example().main(
+    mim_losses = load_example("pretrain_mim").main(
         [
             "--data",
             str(volumes),

@@ -12,6 +12,7 @@ n1 + n2, ...]``); tokens attend only within their own sequence. Two ways to run 
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import torch
@@ -39,6 +40,10 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.flo
     mask = torch.zeros(same.shape, dtype=dtype, device=cu_seqlens.device)
     mask.masked_fill_(~same, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _flash_varlen(query, key, value, cu_seqlens, scaling, dropout):
@@ -78,11 +83,8 @@ def varlen_attention_forward(
         raise ValueError(
             f"a packed batch has batch size 1 (all sequences in one stream); got {query.shape[0]}"
         )
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return _flash_varlen(query, key, value, cu_seqlens, scaling, dropout), None
-        except ImportError:
-            pass
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+        return _flash_varlen(query, key, value, cu_seqlens, scaling, dropout), None
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):
