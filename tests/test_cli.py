@@ -14,7 +14,7 @@ import pytest
 from medfm.cli import main
 from medfm.io import load_volume
 
-from .common.tiny_models import save_tiny_segmentation_model
+from .common.tiny_models import TINY_VIT, save_tiny_segmentation_model
 
 
 def test_inspect_prints_geometry_and_statistics(anatomical_path: Path, capsys) -> None:
@@ -125,15 +125,8 @@ def test_classify_and_convert_commands(anatomical_path: Path, tmp_path: Path, ca
     from medfm.models.spad import SpadViTConfig, SpadViTForImageClassification, SpadViTForMaskedImageModeling
     from medfm.processing import MedicalImageProcessor
 
-    tiny = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pos_embed_shape=(2, 2, 2),
-    )
     SpadViTForImageClassification(
-        SpadViTConfig(**tiny, num_labels=2, id2label={0: "a", 1: "b"})
+        SpadViTConfig(**TINY_VIT, num_labels=2, id2label={0: "a", 1: "b"})
     ).save_pretrained(tmp_path / "cls")
     MedicalImageProcessor(
         steps=[{"name": "minmax"}, {"name": "repeat_channels"}, {"name": "pad_to_multiple", "multiple": 16}]
@@ -142,7 +135,7 @@ def test_classify_and_convert_commands(anatomical_path: Path, tmp_path: Path, ca
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and {line.split()[1] for line in lines} == {"a", "b"}
 
-    mim = SpadViTForMaskedImageModeling(SpadViTConfig(**tiny))
+    mim = SpadViTForMaskedImageModeling(SpadViTConfig(**TINY_VIT))
     state = {k.removeprefix("spad_vit."): v.contiguous() for k, v in mim.state_dict().items()}
     save_file(state, str(tmp_path / "up.safetensors"))
     assert (

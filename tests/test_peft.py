@@ -17,18 +17,12 @@ from medfm.models.spad import (
     SpadVTModel,
 )
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    pos_embed_shape=(2, 2, 2),
-)
+from .common.tiny_models import TINY_VIT
 
 
 def _classifier() -> SpadViTForImageClassification:
     torch.manual_seed(0)
-    return SpadViTForImageClassification(SpadViTConfig(**TINY, num_labels=3)).eval()
+    return SpadViTForImageClassification(SpadViTConfig(**TINY_VIT, num_labels=3)).eval()
 
 
 def _inputs() -> dict:
@@ -80,7 +74,7 @@ def test_adapter_round_trip_and_merge(use_dora: bool, tmp_path: Path) -> None:
 
 def test_segmentation_heads_train_in_full() -> None:
     model = SpadViTForSemanticSegmentation(
-        SpadViTConfig(**TINY, patch_size=(4, 16, 16), adaptive_patch_embed=False, num_labels=2)
+        SpadViTConfig(**TINY_VIT, patch_size=(4, 16, 16), adaptive_patch_embed=False, num_labels=2)
     )
     config = medfm.peft.lora_config(model, r=2)
     assert set(config.modules_to_save) == {"pyramid", "decoder"}

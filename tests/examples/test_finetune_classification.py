@@ -12,9 +12,9 @@ import torch
 from transformers import pipeline
 
 import medfm  # noqa: F401
-from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
 from medfm.training.classification import _auc
 
+from ..common.tiny_models import save_tiny_pretrained_vit
 from . import load_example
 
 
@@ -27,16 +27,7 @@ def test_finetune_classification_example(tmp_path: Path, anatomical_path: Path) 
         for case in range(3):
             volume = np.ascontiguousarray(transform(np.roll(data, case, axis=0)))
             nib.save(nib.Nifti1Image(volume, source.affine), tmp_path / "data" / name / f"c{case}.nii.gz")
-    pretrained = tmp_path / "pretrained"
-    SpadViTForMaskedImageModeling(
-        SpadViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            pos_embed_shape=(2, 2, 2),
-        )
-    ).save_pretrained(pretrained)
+    pretrained = save_tiny_pretrained_vit(tmp_path / "pretrained")
     final = load_example("finetune_classification").main(
         [
             "--model",

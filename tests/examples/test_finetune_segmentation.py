@@ -11,9 +11,9 @@ import pytest
 from transformers import pipeline
 
 import medfm  # noqa: F401
-from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
 from medfm.processing import MedicalImageProcessor
 
+from ..common.tiny_models import save_tiny_pretrained_vit
 from . import load_example
 
 
@@ -40,15 +40,7 @@ def decathlon(tmp_path_factory, anatomical_path: Path) -> Path:
 def pretrained(tmp_path_factory) -> Path:
     """A tiny pre-trained-style (adaptive, RGB) SPAD-ViT checkpoint with a processor."""
     folder = tmp_path_factory.mktemp("pretrained")
-    SpadViTForMaskedImageModeling(
-        SpadViTConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            pos_embed_shape=(2, 2, 2),
-        )
-    ).save_pretrained(folder)
+    save_tiny_pretrained_vit(folder)
     MedicalImageProcessor.from_preset("mr").save_pretrained(folder)
     return folder
 

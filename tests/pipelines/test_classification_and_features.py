@@ -13,13 +13,8 @@ import medfm  # noqa: F401
 from medfm.models.spad import SpadViTConfig, SpadViTForImageClassification, SpadViTModel
 from medfm.processing import MedicalImageProcessor
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    pos_embed_shape=(2, 2, 2),
-)
+from ..common.tiny_models import TINY_VIT
+
 PROCESSOR = MedicalImageProcessor(
     steps=[
         {"name": "minmax"},
@@ -31,7 +26,7 @@ PROCESSOR = MedicalImageProcessor(
 
 @pytest.fixture
 def classifier(tmp_path: Path):
-    config = SpadViTConfig(**TINY, num_labels=3, id2label={0: "normal", 1: "benign", 2: "malignant"})
+    config = SpadViTConfig(**TINY_VIT, num_labels=3, id2label={0: "normal", 1: "benign", 2: "malignant"})
     torch.manual_seed(0)
     model = SpadViTForImageClassification(config).eval()
     model.save_pretrained(tmp_path)
@@ -58,7 +53,7 @@ def test_classification_3d_and_2d(classifier, anatomical_path: Path) -> None:
 
 
 def test_feature_extraction(tmp_path: Path, anatomical_path: Path) -> None:
-    SpadViTModel(SpadViTConfig(**TINY)).save_pretrained(tmp_path)
+    SpadViTModel(SpadViTConfig(**TINY_VIT)).save_pretrained(tmp_path)
     PROCESSOR.save_pretrained(tmp_path)
     extract = pipeline("medical-feature-extraction", model=str(tmp_path))
     out = extract(str(anatomical_path), return_tokens=True)
