@@ -4,6 +4,7 @@ load-time adaptation equivalences, and the conversion command line."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -32,8 +33,6 @@ from medfm.models.spad import (
 from medfm.models.spad.convert_spad import convert_tokenizer_state_dict, convert_vit_state_dict
 
 from ...common.model_tests import CommonModelTests
-
-SPEC_KEYS = Path(__file__).resolve().parents[4] / "shared" / "specs" / "spad_upstream_keys.json"
 
 # A tiny config unlike the fixture's: other width, head size, depth, table, partial mask layers.
 OTHER_VIT = dict(
@@ -202,10 +201,16 @@ def test_invalid_configs() -> None:
 
 
 @pytest.fixture(scope="module")
-def spec_keys() -> dict:
-    if not SPEC_KEYS.is_file():
-        pytest.skip(f"{SPEC_KEYS} not found")
-    return json.loads(SPEC_KEYS.read_text())
+def spec_keys(upstream_fixtures) -> dict:
+    # The specs sit beside the fixtures (shared/specs); the locator skips, or fails under
+    # MEDFM_REQUIRE_FIXTURES=1, when they are missing.
+    path = upstream_fixtures("spad").parents[1] / "specs" / "spad_upstream_keys.json"
+    if not path.is_file():
+        message = f"{path} not found"
+        if os.environ.get("MEDFM_REQUIRE_FIXTURES") == "1":
+            pytest.fail(message + " and MEDFM_REQUIRE_FIXTURES=1")
+        pytest.skip(message)
+    return json.loads(path.read_text())
 
 
 def test_base_vit_has_upstream_keys_and_shapes(spec_keys) -> None:
