@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling, SpadViTForSemanticSegmentation
 from medfm.processing import MedicalImageProcessor
 
@@ -17,6 +19,26 @@ TINY_VIT = dict(
     intermediate_size=64,
     pos_embed_shape=(2, 2, 2),
 )
+
+
+#: A tiny SPAD-ViT backbone whose position table is resampled for every volume of :func:`mixed_volumes`.
+TINY_PACKING_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=85,
+    pos_embed_shape=(2, 3, 3),
+)
+
+
+def mixed_volumes() -> list[tuple[torch.Tensor, tuple[float, float, float] | None]]:
+    """Volumes of different shapes and spacings (and a 2D image) with their spacings: 25, 9 and 13 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(3, 16, 32, 48, generator=generator), (2.0, 0.5, 0.5)),  # aniso_d 2: 4 x 2 x 3 tokens
+        (torch.randn(3, 32, 32, 32, generator=generator), (1.0, 1.0, 1.0)),  # aniso_d 0: 2 x 2 x 2 tokens
+        (torch.randn(3, 48, 64, generator=generator), None),  # a 2D image: 1 x 3 x 4 tokens
+    ]
 
 
 def tiny_segmentation_config(**overrides) -> SpadViTConfig:
@@ -47,8 +69,13 @@ def tiny_segmentation_processor() -> MedicalImageProcessor:
 
 
 def save_tiny_segmentation_model(folder: Path) -> SpadViTForSemanticSegmentation:
-    """Save a tiny segmentation model and its processor to ``folder``; return the model."""
-    model = SpadViTForSemanticSegmentation(tiny_segmentation_config()).eval()
+    """Save a tiny segmentation model and its processor to ``folder``; return the model.
+
+    Its weights are seeded: tests that read its (untrained) predictions see the same model whatever ran before.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SpadViTForSemanticSegmentation(tiny_segmentation_config()).eval()
     model.save_pretrained(folder)
     tiny_segmentation_processor().save_pretrained(folder)
     return model

@@ -3,14 +3,10 @@ interpreter on CPU (values and gradients, padded and packed layouts)."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on CPU tensors
-
 import pytest
 import torch
 
-from medfm.kernels import grid_positions, rope3d, rope3d_reference, triton_available
+from medfm.kernels import grid_positions, rope3d, rope3d_qk, rope3d_reference, triton_available
 from medfm.layers import Rope3D, apply_interleaved_rope
 
 pytestmark = pytest.mark.skipif(
@@ -65,3 +61,38 @@ def test_rotation_keeps_norms() -> None:
     torch.testing.assert_close(out.norm(dim=-1), x.float().norm(dim=-1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible by 4"):
         rope3d(torch.randn(1, 3, 1, 6), grid_positions([(1, 1, 2)]), *_frequencies(8))
+
+
+def test_query_key_pair_in_one_launch_with_rescaled_per_sample_positions() -> None:
+    """Three heads (not a power of two: masked head lanes), float positions of a rescaled RoPE, one row of
+    positions per sample (as MIM's visible-token subsets have), queries and keys rotated together."""
+    head_dim = 16
+    rope = Rope3D(head_dim, (2333.0, 10000.0, 10000.0), rescale_shape=(4, -1, 8))
+    rotation = rope.rotation([(2, 3, 5)])
+    rows = torch.stack([torch.randperm(31)[:12] for _ in range(2)])
+    positions = rotation.select(rows).positions  # (2, 12, 3), floats
+    assert positions.dtype == torch.float32 and not torch.equal(positions, positions.round())
+    frequencies = rope.frequencies()
+    q, k = (torch.randn(2, 12, 3, head_dim, requires_grad=True) for _ in range(2))
+    rotated_q, rotated_k = rope3d_qk(q, k, positions, *frequencies)
+    reference = [t.detach().clone().requires_grad_(True) for t in (q, k)]
+    expected = [rope3d_reference(t, positions, *frequencies) for t in reference]
+    torch.testing.assert_close(rotated_q, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotated_k, expected[1], atol=1e-5, rtol=1e-5)
+    weights = torch.randn(2, *q.shape)
+    ((rotated_q * weights[0]).sum() + (rotated_k * weights[1]).sum()).backward()
+    ((expected[0] * weights[0]).sum() + (expected[1] * weights[1]).sum()).backward()
+    torch.testing.assert_close(q.grad, reference[0].grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.grad, reference[1].grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must match"):
+        rope3d_qk(q, k[:, :, :2], positions, *frequencies)
+    with pytest.raises(ValueError, match="positions must be"):
+        rope3d(q, positions[:, :5], *frequencies)
+
+
+def test_bfloat16_rotation() -> None:
+    frequencies = _frequencies(16)
+    positions = grid_positions([(3, 2, 4)])
+    x = torch.randn(2, positions.shape[0], 2, 16).bfloat16()
+    expected = rope3d_reference(x.float(), positions, *frequencies)
+    torch.testing.assert_close(rope3d(x, positions, *frequencies).float(), expected, atol=2e-2, rtol=1e-2)

@@ -2,9 +2,11 @@
 
 :func:`rope3d` rotates the channel pairs ``(2j, 2j+1)`` of every head of ``x`` ``(B, L, heads, head_dim)``
 by ``theta_j = d * freq_depth[j] + (h * freq_height[j] if j < head_dim / 4 else w * freq_width[j - head_dim / 4])``,
-computing the angles in the kernel from each token's integer grid position ``(d, h, w)``: no per-token
-cos/sin table is built. A negative depth marks a token left as it is (a cls token). Padded batches pass
-``positions`` ``(B, L, 3)``; packed streams pass ``(1, total, 3)`` with each sequence's own grid positions.
+computing the angles in the kernel from each token's grid position ``(d, h, w)`` (integers, or floats for a
+rescaled RoPE): no per-token cos/sin table is built. One program handles one token: its angles are computed
+once and rotate every head, of the queries and keys together with :func:`rope3d_qk`. A negative depth marks
+a token left as it is (a cls token). Padded batches pass ``positions`` ``(L, 3)`` or ``(B, L, 3)``; packed
+streams pass ``(total, 3)`` with each sequence's own grid positions.
 
 The backward pass is the same kernel rotating by ``-theta`` (a rotation's inverse is its transpose). The
 kernel needs Triton: on a GPU natively, on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
@@ -17,15 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["grid_positions", "rope3d", "rope3d_reference", "triton_available"]
+from ._triton import require_kernel_device
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["grid_positions", "rope3d", "rope3d_qk", "rope3d_reference"]
 
 
 def grid_positions(grids: Sequence[Sequence[int]], cls_tokens: int = 1, device=None) -> torch.Tensor:
@@ -41,19 +37,6 @@ def grid_positions(grids: Sequence[Sequence[int]], cls_tokens: int = 1, device=N
     return torch.cat(rows)
 
 
-def _angles(positions: torch.Tensor, freq_depth: torch.Tensor, freq_hw: torch.Tensor) -> torch.Tensor:
-    quarter = freq_hw.shape[0] // 2
-    position = positions.to(torch.float32)
-    in_plane = torch.cat(
-        [
-            position[..., 1:2].expand(*position.shape[:-1], quarter),
-            position[..., 2:3].expand(*position.shape[:-1], quarter),
-        ],
-        dim=-1,
-    )
-    return position[..., 0:1] * freq_depth + in_plane * freq_hw
-
-
 def rope3d_reference(
     x: torch.Tensor,
     positions: torch.Tensor,
@@ -61,109 +44,74 @@ def rope3d_reference(
     freq_height: torch.Tensor,
     freq_width: torch.Tensor,
 ) -> torch.Tensor:
-    """The definition, in PyTorch: ``x`` ``(B, L, heads, head_dim)``, ``positions`` ``(B, L, 3)`` or ``(L, 3)``."""
-    if positions.ndim == 2:
-        positions = positions[None].expand(x.shape[0], -1, -1)
-    theta = _angles(positions, freq_depth.float(), torch.cat([freq_height, freq_width]).float())
-    keep = positions[..., 0] < 0
-    cos = torch.where(keep[..., None], torch.ones_like(theta), theta.cos())[:, :, None].to(x.dtype)
-    sin = torch.where(keep[..., None], torch.zeros_like(theta), theta.sin())[:, :, None].to(x.dtype)
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    """The definition, in PyTorch (medfm's eager rotation): same arguments as :func:`rope3d`."""
+    from ..layers.rope import TokenRotation
+
+    return TokenRotation(positions.float(), freq_depth, freq_height, freq_width).rotate_eager(x)
 
 
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rope3d_kernel(
-        x_ptr,
-        out_ptr,
-        pos_ptr,
-        fd_ptr,
-        fhw_ptr,
-        tokens,
-        heads,
-        pos_batch_stride,
-        HALF: tl.constexpr,
-        QUARTER: tl.constexpr,
-        BLOCK: tl.constexpr,
-        SIGN: tl.constexpr,
-    ):
-        row = tl.program_id(0)  # one (batch, token, head) row of head_dim channels
-        head_row = row // heads  # (batch, token)
-        batch = head_row // tokens
-        token = head_row % tokens
-        position = pos_ptr + batch * pos_batch_stride + token * 3
-        d = tl.load(position).to(tl.float32)
-        h = tl.load(position + 1).to(tl.float32)
-        w = tl.load(position + 2).to(tl.float32)
-        j = tl.arange(0, BLOCK)
-        valid = j < HALF
-        fd = tl.load(fd_ptr + j, mask=valid, other=0.0)
-        fhw = tl.load(fhw_ptr + j, mask=valid, other=0.0)
-        coordinate = tl.where(j < QUARTER, h, w)
-        theta = d * fd + coordinate * fhw
-        keep = d < 0.0
-        cos = tl.where(keep, 1.0, tl.cos(theta))
-        sin = tl.where(keep, 0.0, tl.sin(theta)) * SIGN
-        base = row * (2 * HALF)
-        even = tl.load(x_ptr + base + 2 * j, mask=valid, other=0.0).to(tl.float32)
-        odd = tl.load(x_ptr + base + 2 * j + 1, mask=valid, other=0.0).to(tl.float32)
-        out_even = even * cos - odd * sin
-        out_odd = odd * cos + even * sin
-        tl.store(out_ptr + base + 2 * j, out_even.to(out_ptr.dtype.element_ty), mask=valid)
-        tl.store(out_ptr + base + 2 * j + 1, out_odd.to(out_ptr.dtype.element_ty), mask=valid)
-
-    return rope3d_kernel
-
-
-_KERNEL = None
-
-
-def _launch(
-    x: torch.Tensor, positions: torch.Tensor, freq_depth: torch.Tensor, freq_hw: torch.Tensor, sign: float
-):
+def _launch(x, y, positions, freq_depth, freq_in_plane, sign: float):
     import triton
 
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _kernel()
-    x = x.contiguous()
+    from ._rope3d_kernel import rope3d_kernel
+
     batch, tokens, heads, head_dim = x.shape
-    positions = positions.to(device=x.device, dtype=torch.int32).contiguous()
-    pos_batch_stride = 0 if positions.ndim == 2 else tokens * 3
-    out = torch.empty_like(x)
-    half = head_dim // 2
-    _KERNEL[(batch * tokens * heads,)](
+    positions = positions.to(device=x.device, dtype=torch.float32).contiguous()
+    x_out = torch.empty_like(x)
+    y_out = torch.empty_like(y) if y is not None else x_out
+    rope3d_kernel[(batch * tokens,)](
         x,
-        out,
+        y if y is not None else x,
+        x_out,
+        y_out,
         positions,
         freq_depth.float().contiguous(),
-        freq_hw.float().contiguous(),
+        freq_in_plane.float().contiguous(),
         tokens,
         heads,
-        pos_batch_stride,
-        HALF=half,
-        QUARTER=half // 2,
-        BLOCK=triton.next_power_of_2(half),
+        0 if positions.ndim == 2 else tokens * 3,
+        HEAD_DIM=head_dim,
+        QUARTER=head_dim // 4,
+        BLOCK_HEADS=triton.next_power_of_2(heads),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         SIGN=sign,
+        PAIR=y is not None,
     )
-    return out
+    return x_out if y is None else (x_out, y_out)
 
 
 class _Rope3D(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, positions, freq_depth, freq_hw):
-        ctx.save_for_backward(positions, freq_depth, freq_hw)
-        return _launch(x, positions, freq_depth, freq_hw, 1.0)
+    """Rotation of ``x`` (and ``y`` when given, in the same launch); the backward rotates by ``-theta``."""
 
     @staticmethod
-    def backward(ctx, grad):
-        positions, freq_depth, freq_hw = ctx.saved_tensors
-        return _launch(grad, positions, freq_depth, freq_hw, -1.0), None, None, None
+    def forward(ctx, x, y, positions, freq_depth, freq_in_plane):
+        ctx.save_for_backward(positions, freq_depth, freq_in_plane)
+        ctx.pair = y is not None
+        return _launch(x, y, positions, freq_depth, freq_in_plane, 1.0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        positions, freq_depth, freq_in_plane = ctx.saved_tensors
+        grads = [g.contiguous() for g in grads]
+        rotated = _launch(
+            *grads, *([None] if len(grads) == 1 else []), positions, freq_depth, freq_in_plane, -1.0
+        )
+        if not ctx.pair:
+            return rotated, None, None, None, None
+        return *rotated, None, None, None
+
+
+def _check(x: torch.Tensor, positions: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[-1] % 4:
+        raise ValueError(
+            f"x must be (batch, tokens, heads, head_dim) with head_dim divisible by 4; got {tuple(x.shape)}"
+        )
+    expected = (x.shape[1], 3) if positions.ndim == 2 else (x.shape[0], x.shape[1], 3)
+    if tuple(positions.shape) != expected:
+        raise ValueError(
+            f"positions must be {expected} for x of shape {tuple(x.shape)}; got {tuple(positions.shape)}"
+        )
+    require_kernel_device(x)
 
 
 def rope3d(
@@ -177,13 +125,32 @@ def rope3d(
 
     Args:
         x: Queries or keys, token-major.
-        positions: ``(B, L, 3)`` or ``(L, 3)`` integer ``(d, h, w)``; negative depth leaves a token unrotated.
+        positions: ``(B, L, 3)`` or ``(L, 3)`` ``(d, h, w)`` (integers, or rescaled floats); negative depth
+            leaves a token unrotated.
         freq_depth: ``(head_dim / 2,)`` depth frequencies.
         freq_height, freq_width: ``(head_dim / 4,)`` each.
 
     Raises:
-        ImportError: Triton is not installed (``pip install "medfm[triton]"``).
+        ValueError: Bad shapes.
+        ImportError / RuntimeError: No Triton, or a CPU tensor outside ``TRITON_INTERPRET=1``.
     """
-    if x.shape[-1] % 4:
-        raise ValueError(f"3D RoPE needs head_dim divisible by 4; got {x.shape[-1]}")
-    return _Rope3D.apply(x, positions, freq_depth, torch.cat([freq_height, freq_width]))
+    _check(x, positions)
+    return _Rope3D.apply(x.contiguous(), None, positions, freq_depth, torch.cat([freq_height, freq_width]))
+
+
+def rope3d_qk(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    positions: torch.Tensor,
+    freq_depth: torch.Tensor,
+    freq_height: torch.Tensor,
+    freq_width: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope3d` of queries and keys in one launch: each token's angles are computed once for both."""
+    _check(query, positions)
+    if query.shape != key.shape or query.dtype != key.dtype:
+        raise ValueError(
+            f"query and key must match; got {tuple(query.shape)} {query.dtype}, {tuple(key.shape)} {key.dtype}"
+        )
+    in_plane = torch.cat([freq_height, freq_width])
+    return _Rope3D.apply(query.contiguous(), key.contiguous(), positions, freq_depth, in_plane)

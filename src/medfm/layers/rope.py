@@ -6,12 +6,16 @@ w * w_width)``: the depth term is added to both halves. Positions count tokens, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 from torch import nn
 
-__all__ = ["Rope3D", "apply_interleaved_rope"]
+__all__ = ["FUSED_ROPE_ENV", "Rope3D", "TokenRotation", "apply_interleaved_rope"]
+
+FUSED_ROPE_ENV = "MEDFM_FUSED_ROPE"
 
 
 class Rope3D(nn.Module):
@@ -52,16 +56,26 @@ class Rope3D(nn.Module):
             f.to(device=device, dtype=torch.float32) for f in (torch.cat([depth, depth]), height, width)
         )
 
-    def angles(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-        """``(D'H'W', head_dim / 2)`` angles, tokens in ``(d, h, w)`` row-major order."""
-        freq_depth, freq_height, freq_width = self.frequencies(device)
+    def positions(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+        """``(D'H'W', 3)`` float ``(d, h, w)`` positions of a token grid (rescaled where configured)."""
         axes = []
         for n, rescale in zip(grid, self.rescale_shape):
             index = torch.arange(n, device=device, dtype=torch.float32)
             axes.append(index * rescale / n if rescale > 0 else index)
-        d, h, w = torch.meshgrid(*axes, indexing="ij")
-        d, h, w = d.reshape(-1, 1), h.reshape(-1, 1), w.reshape(-1, 1)
-        return d * freq_depth + torch.cat([h * freq_height, w * freq_width], dim=-1)
+        return torch.stack([axis.reshape(-1) for axis in torch.meshgrid(*axes, indexing="ij")], dim=-1)
+
+    def angles(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+        """``(D'H'W', head_dim / 2)`` angles, tokens in ``(d, h, w)`` row-major order."""
+        return _angles(self.positions(grid, device), *self.frequencies(device))
+
+    def rotation(
+        self, grids: Sequence[Sequence[int]], cls_tokens: int = 1, device: torch.device | None = None
+    ) -> TokenRotation:
+        """The :class:`TokenRotation` of one or more token grids, each preceded by ``cls_tokens`` unrotated
+        tokens (one grid: an ordinary sequence; several: a packed stream, each grid with its own positions)."""
+        unrotated = torch.full((cls_tokens, 3), -1.0, device=device)
+        rows = [part for grid in grids for part in (unrotated, self.positions(grid, device))]
+        return TokenRotation(torch.cat(rows), *self.frequencies(device))
 
     def forward(
         self, grid: Sequence[int], device: torch.device | None = None
@@ -78,8 +92,82 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """
     if cos.ndim == 3:
         cos, sin = cos[:, None], sin[:, None]
+    return _rotate_pairs(x, cos, sin)
+
+
+def _angles(
+    positions: torch.Tensor, freq_depth: torch.Tensor, freq_height: torch.Tensor, freq_width: torch.Tensor
+) -> torch.Tensor:
+    d, h, w = positions[..., 0:1], positions[..., 1:2], positions[..., 2:3]
+    return d * freq_depth + torch.cat([h * freq_height, w * freq_width], dim=-1)
+
+
+def _fused_rope_wanted(x: torch.Tensor) -> bool:
+    """``MEDFM_FUSED_ROPE``: ``auto`` (default; the Triton kernel for CUDA tensors when Triton is installed),
+    ``1`` (always: CPU tensors need ``TRITON_INTERPRET=1``) or ``0`` (never)."""
+    from ..kernels import triton_available
+
+    choice = os.environ.get(FUSED_ROPE_ENV, "auto").strip().lower()
+    if choice in ("1", "true", "on"):
+        return True
+    if choice in ("0", "false", "off"):
+        return False
+    if choice != "auto":
+        raise ValueError(f"{FUSED_ROPE_ENV} must be auto, 1 or 0; got {choice!r}")
+    return x.is_cuda and triton_available()
+
+
+class TokenRotation:
+    """The rotary embedding of every token of a sequence (or packed stream), applied to queries and keys.
+
+    Holds the tokens' ``(d, h, w)`` positions (negative depth: a token left unrotated, such as a cls token)
+    and the frequencies, not per-token cos/sin tables. :meth:`rotate_pair` runs the fused Triton kernel on a
+    GPU (see ``MEDFM_FUSED_ROPE``), which computes the angles in registers; elsewhere it rotates with cos/sin
+    tables built once per forward pass and shared by every layer.
+
+    Args:
+        positions: ``(L, 3)`` shared by the batch, or ``(B, L, 3)`` per sample.
+        freq_depth: ``(head_dim / 2,)``.
+        freq_height, freq_width: ``(head_dim / 4,)`` each.
+    """
+
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        freq_depth: torch.Tensor,
+        freq_height: torch.Tensor,
+        freq_width: torch.Tensor,
+    ):
+        self.positions = positions
+        self.frequencies = (freq_depth, freq_height, freq_width)
+
+    def select(self, rows: torch.Tensor) -> TokenRotation:
+        """The rotation of a subset of tokens: ``rows`` ``(B, V)`` indices gives per-sample ``(B, V, 3)``."""
+        return TokenRotation(self.positions[rows], *self.frequencies)
+
+    @cached_property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(..., L, head_dim / 2)``, identity rows (cos 1, sin 0) for unrotated tokens."""
+        theta = _angles(self.positions, *self.frequencies)
+        keep = self.positions[..., :1] < 0
+        return theta.cos().masked_fill(keep, 1.0), theta.sin().masked_fill(keep, 0.0)
+
+    def rotate_pair(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate token-major ``query`` and ``key`` ``(B, L, heads, head_dim)``."""
+        if _fused_rope_wanted(query):
+            from ..kernels import rope3d_qk
+
+            return rope3d_qk(query, key, self.positions, *self.frequencies)
+        return self.rotate_eager(query), self.rotate_eager(key)
+
+    def rotate_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate token-major ``x`` ``(B, L, heads, head_dim)`` with the cos/sin tables (plain PyTorch)."""
+        cos, sin = self.tables
+        return _rotate_pairs(x, cos.unsqueeze(-2), sin.unsqueeze(-2))  # broadcast over heads
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     pairs = x.unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-    return rotated.flatten(-2)
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)

@@ -6,14 +6,20 @@ n1 + n2, ...]``); tokens attend only within their own sequence. Two ways to run 
 * ``block_diagonal_mask(cu_seqlens)``: an additive mask for transformers' ``eager`` and ``sdpa``
   implementations (memory quadratic in the total length: a reference path);
 * the ``"medfm_varlen"`` implementation registered with transformers' ``AttentionInterface``
-  (``attn_implementation="medfm_varlen"``): ``flash_attn_varlen_func`` when flash-attn is installed and the
-  tensors are on a GPU, otherwise SDPA on each sequence in turn (exact, linear in memory).
+  (``attn_implementation="medfm_varlen"``), linear in memory. Its backend (``MEDFM_VARLEN_BACKEND``):
+
+  - ``auto`` (default): for fp16/bf16 CUDA tensors, flash-attn's ``flash_attn_varlen_func`` when flash-attn
+    is installed, else medfm's own Triton kernel (:func:`medfm.kernels.flash_attention_varlen`; it has no
+    dropout, so attention dropout in training falls back to SDPA); everything else runs SDPA on each
+    sequence in turn (exact);
+  - ``flash_attn``, ``triton`` or ``sdpa``: that backend, or an error saying why it cannot run.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +27,18 @@ from torch import nn
 from transformers import AttentionInterface
 
 __all__ = [
+    "VARLEN_BACKENDS",
+    "VARLEN_BACKEND_ENV",
     "VARLEN_IMPLEMENTATION",
     "block_diagonal_mask",
     "register_varlen_attention",
     "varlen_attention_forward",
+    "varlen_backend",
 ]
 
 VARLEN_IMPLEMENTATION = "medfm_varlen"
+VARLEN_BACKEND_ENV = "MEDFM_VARLEN_BACKEND"
+VARLEN_BACKENDS = ("auto", "flash_attn", "triton", "sdpa")
 
 
 def block_diagonal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -44,6 +55,36 @@ def block_diagonal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.flo
 
 def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def varlen_backend(query: torch.Tensor, dropout: float = 0.0) -> str:
+    """The backend ``medfm_varlen`` uses for ``query``: ``flash_attn``, ``triton`` or ``sdpa`` (see the module)."""
+    from ..kernels import triton_available
+
+    choice = os.environ.get(VARLEN_BACKEND_ENV, "auto").strip().lower()
+    if choice not in VARLEN_BACKENDS:
+        raise ValueError(f"{VARLEN_BACKEND_ENV} must be one of {', '.join(VARLEN_BACKENDS)}; got {choice!r}")
+    if choice == "flash_attn" and not (_flash_attn_installed() and query.is_cuda):
+        raise RuntimeError(f"{VARLEN_BACKEND_ENV}=flash_attn needs flash-attn installed and CUDA tensors")
+    if choice == "triton" and dropout > 0:
+        raise ValueError(
+            f"{VARLEN_BACKEND_ENV}=triton: medfm's kernel has no attention dropout (got {dropout})"
+        )
+    if choice != "auto":
+        return choice
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn_installed():
+            return "flash_attn"
+        if triton_available() and dropout == 0:
+            return "triton"
+    return "sdpa"
+
+
+def _triton_varlen(query, key, value, cu_seqlens, scaling):
+    from ..kernels import flash_attention_varlen
+
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim) views
+    return flash_attention_varlen(q, k, v, cu_seqlens, scale=scaling)[None]
 
 
 def _flash_varlen(query, key, value, cu_seqlens, scaling, dropout):
@@ -83,8 +124,11 @@ def varlen_attention_forward(
         raise ValueError(
             f"a packed batch has batch size 1 (all sequences in one stream); got {query.shape[0]}"
         )
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+    backend = varlen_backend(query, dropout)
+    if backend == "flash_attn":
         return _flash_varlen(query, key, value, cu_seqlens, scaling, dropout), None
+    if backend == "triton":
+        return _triton_varlen(query, key, value, cu_seqlens, scaling), None
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):

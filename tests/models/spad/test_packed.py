@@ -12,22 +12,8 @@ from medfm.layers import VARLEN_IMPLEMENTATION, block_diagonal_mask
 from medfm.layers.varlen_attention import varlen_attention_forward
 from medfm.models.spad import SpadViTConfig, SpadViTModel
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=85,
-    pos_embed_shape=(2, 3, 3),
-)
-
-
-def _volumes():
-    generator = torch.Generator().manual_seed(0)
-    return [
-        (torch.randn(3, 16, 32, 48, generator=generator), (2.0, 0.5, 0.5)),  # aniso_d 2: 4 x 2 x 3 tokens
-        (torch.randn(3, 32, 32, 32, generator=generator), (1.0, 1.0, 1.0)),  # aniso_d 0: 2 x 2 x 2 tokens
-        (torch.randn(3, 48, 64, generator=generator), None),  # a 2D image: 1 x 3 x 4 tokens
-    ]
+from ...common.tiny_models import TINY_PACKING_VIT as TINY
+from ...common.tiny_models import mixed_volumes
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa", VARLEN_IMPLEMENTATION])
@@ -36,7 +22,7 @@ def test_packed_equals_each_volume_alone(implementation: str) -> None:
     model = SpadViTModel(SpadViTConfig(**TINY)).eval()
     model.set_attn_implementation(implementation)
     assert model.config._attn_implementation == implementation  # the switch really applies
-    volumes = _volumes()
+    volumes = mixed_volumes()
     calls: list = []
 
     def spy(*args, **kwargs):  # proves the packed stream reaches the varlen function with its offsets
@@ -73,7 +59,7 @@ def test_packed_gradients_equal_separate_gradients() -> None:
     torch.manual_seed(0)
     model = SpadViTModel(SpadViTConfig(**TINY)).train()
     model.set_attn_implementation(VARLEN_IMPLEMENTATION)
-    volumes = _volumes()
+    volumes = mixed_volumes()
     model.forward_packed([v for v, _ in volumes], spacings=[s for _, s in volumes]).last_hidden_state.pow(
         2
     ).sum().backward()
@@ -100,3 +86,36 @@ def test_block_diagonal_mask_and_varlen_reference() -> None:
         )
     with pytest.raises(ValueError, match="at least one volume"):
         SpadViTModel(SpadViTConfig(**TINY)).forward_packed([])
+
+
+def test_varlen_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfm.layers.varlen_attention import VARLEN_BACKEND_ENV, varlen_backend
+
+    query = torch.randn(1, 2, 5, 8)
+    assert varlen_backend(query) == "sdpa"  # auto on CPU: exact per-sequence SDPA
+    monkeypatch.setenv(VARLEN_BACKEND_ENV, "sdpa")
+    assert varlen_backend(query) == "sdpa"
+    monkeypatch.setenv(VARLEN_BACKEND_ENV, "triton")
+    assert varlen_backend(query) == "triton"
+    with pytest.raises(ValueError, match="no attention dropout"):
+        varlen_backend(query, dropout=0.1)
+    monkeypatch.setenv(VARLEN_BACKEND_ENV, "flash_attn")
+    with pytest.raises(RuntimeError, match="flash-attn installed and CUDA"):
+        varlen_backend(query)
+    monkeypatch.setenv(VARLEN_BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match="must be one of"):
+        varlen_backend(query)
+
+
+def test_fused_rope_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfm.layers.rope import FUSED_ROPE_ENV, _fused_rope_wanted
+
+    x = torch.randn(1, 3, 2, 8)
+    assert not _fused_rope_wanted(x)  # auto: CUDA tensors only
+    monkeypatch.setenv(FUSED_ROPE_ENV, "1")
+    assert _fused_rope_wanted(x)
+    monkeypatch.setenv(FUSED_ROPE_ENV, "off")
+    assert not _fused_rope_wanted(x)
+    monkeypatch.setenv(FUSED_ROPE_ENV, "maybe")
+    with pytest.raises(ValueError, match="auto, 1 or 0"):
+        _fused_rope_wanted(x)

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from ...layers import (
     Rope3D,
     SwiGLU,
-    apply_interleaved_rope,
+    TokenRotation,
     eager_attention_forward,
     random_visible_indices,
     resample_position_grid,
@@ -137,20 +137,19 @@ class SpadViTAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, **attention_kwargs
+        self, hidden_states: torch.Tensor, rotation: TokenRotation, **attention_kwargs
     ) -> torch.Tensor:
-        """``rope_cos``/``rope_sin`` cover every token (identity rows for cls tokens); ``attention_kwargs`` carry
-        a packed batch's ``attention_mask`` or ``cu_seqlens``."""
+        """``rotation`` covers every token (cls tokens stay unrotated); ``attention_kwargs`` carry a packed
+        batch's ``attention_mask`` or ``cu_seqlens``."""
         batch, length, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.q_bias is not None:
             query = query + self.q_bias
             value = value + self.v_bias
         heads = (batch, length, self.num_heads, self.head_dim)
-        query, key, value = (t.view(heads).transpose(1, 2) for t in (query, key, value))
-        # The cls rows of the tables are the identity (cos 1, sin 0): an exact no-op, so cls tokens stay unrotated.
-        query = apply_interleaved_rope(query, rope_cos, rope_sin)
-        key = apply_interleaved_rope(key, rope_cos, rope_sin)
+        # Token-major (B, L, heads, head_dim), as the fused RoPE kernel reads it; then (B, heads, L, head_dim).
+        query, key = rotation.rotate_pair(query.view(heads), key.view(heads))
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value.view(heads)))
         # Through transformers' interface, so attn_implementation ("eager", "sdpa", "medfm_varlen"...) applies.
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -179,11 +178,9 @@ class SpadViTLayer(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, sub_norm_eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, **attention_kwargs
+        self, hidden_states: torch.Tensor, rotation: TokenRotation, **attention_kwargs
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(
-            self.norm1(hidden_states), rope_cos, rope_sin, **attention_kwargs
-        )
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rotation, **attention_kwargs)
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
@@ -321,7 +318,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
                 raise ValueError("this model has no mask_token; build it with use_mask_token=True for MIM")
             tokens = torch.where(masked[..., None], self.mask_token.to(tokens.dtype), tokens)
         hidden = torch.cat([self.cls_token.to(tokens.dtype).expand(batch, -1, -1), tokens], dim=1)
-        rope_cos, rope_sin = _with_cls_rows(*self.rope(grid, device=hidden.device))
+        rotation = self.rope.rotation([grid], device=hidden.device)
 
         # With mask_layer_ids, the other blocks see only the cls and visible tokens (MAE-style).
         partial = masked is not None and self.config.mask_layer_ids is not None
@@ -329,9 +326,9 @@ class SpadViTModel(SpadViTPreTrainedModel):
         all_hidden = [hidden] if output_hidden_states else None
         for index, block in enumerate(self.blocks):
             if partial and index not in self.config.mask_layer_ids:
-                hidden = self._visible_only(block, hidden, visible, rope_cos, rope_sin)
+                hidden = self._visible_only(block, hidden, visible, rotation)
             else:
-                hidden = block(hidden, rope_cos, rope_sin)
+                hidden = block(hidden, rotation)
             if all_hidden is not None:
                 all_hidden.append(hidden)
 
@@ -370,14 +367,13 @@ class SpadViTModel(SpadViTPreTrainedModel):
         block: SpadViTLayer,
         hidden: torch.Tensor,
         visible: torch.Tensor,
-        rope_cos: torch.Tensor,
-        rope_sin: torch.Tensor,
+        rotation: TokenRotation,
     ) -> torch.Tensor:
         width = hidden.shape[-1]
         token_index = (visible + 1)[..., None].expand(-1, -1, width)  # +1: skip cls
         subset = torch.cat([hidden[:, :1], hidden.gather(1, token_index)], dim=1)
         rows = torch.cat([torch.zeros_like(visible[:, :1]), visible + 1], dim=1)  # cls row, then visible rows
-        out = block(subset, rope_cos[rows], rope_sin[rows])  # each token keeps its own angles
+        out = block(subset, rotation.select(rows))  # each token keeps its own angles
         return torch.cat(
             [out[:, :1], hidden[:, 1:].scatter(1, visible[..., None].expand(-1, -1, width), out[:, 1:])],
             dim=1,
@@ -412,7 +408,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
         if not volumes:
             raise ValueError("forward_packed needs at least one volume")
         dtype = self.patch_embed.proj.weight.dtype
-        sequences, cos_rows, sin_rows, grids = [], [], [], []
+        sequences, grids = [], []
         for index, volume in enumerate(volumes):
             if volume.ndim == 3:
                 volume = volume.unsqueeze(1)  # (C, H, W): one slice
@@ -425,21 +421,18 @@ class SpadViTModel(SpadViTPreTrainedModel):
             level = self.resolve_aniso_d(volume, spacing, aniso_ds[index] if aniso_ds is not None else None)
             tokens, grid = self.embed(volume, level)
             sequences.append(torch.cat([self.cls_token[0].to(tokens.dtype), tokens[0]]))
-            cos, sin = _with_cls_rows(*self.rope(grid, device=tokens.device))
-            cos_rows.append(cos)
-            sin_rows.append(sin)
             grids.append(grid)
         lengths = torch.tensor([len(s) for s in sequences], device=sequences[0].device)
         cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         hidden = torch.cat(sequences)[None]
-        rope_cos, rope_sin = torch.cat(cos_rows), torch.cat(sin_rows)
+        rotation = self.rope.rotation(grids, device=hidden.device)  # each volume its own positions
         if self.config._attn_implementation == VARLEN_IMPLEMENTATION:
             attention_kwargs = {"cu_seqlens": cu_seqlens}
         else:
             attention_kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
         all_hidden = [hidden[0]] if output_hidden_states else None
         for block in self.blocks:
-            hidden = block(hidden, rope_cos, rope_sin, **attention_kwargs)
+            hidden = block(hidden, rotation, **attention_kwargs)
             if all_hidden is not None:
                 all_hidden.append(hidden[0])
         sequence = self.norm(hidden)[0]
@@ -455,14 +448,6 @@ class SpadViTModel(SpadViTPreTrainedModel):
         """Token grid ``(D', H', W')`` for an input of spatial shape ``input_shape[-3:]``."""
         patch = self.patch_embed.patch_shape(aniso_d)
         return tuple(n // p for n, p in zip(input_shape[-3:], patch))  # type: ignore[return-value]
-
-
-def _with_cls_rows(cos: torch.Tensor, sin: torch.Tensor, count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prepend identity rotations (cos 1, sin 0) for ``count`` cls tokens."""
-    return (
-        torch.cat([cos.new_ones(count, cos.shape[-1]), cos]),
-        torch.cat([sin.new_zeros(count, sin.shape[-1]), sin]),
-    )
 
 
 @dataclass
