@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Attention and RoPE on 3D token grids: eager, sdpa, flash-attn (when installed) and medfm's varlen path.
+"""Attention and RoPE on 3D token grids: eager, sdpa, flash-attn (when installed) and medfm's Triton kernels.
 
     python benchmarks/attention_3d.py --device cuda --dtype bf16            # on a GPU
     python benchmarks/attention_3d.py --device cpu --dtype fp32 --grids 6x4x4 8x6x6 --steps 3   # smoke run
@@ -7,8 +7,11 @@
 For each token grid (default 24x12x12 up to 40x24x24, head dim 64) it times forward and forward+backward
 attention per implementation and reports tokens/s, peak memory (CUDA) and achieved TFLOP/s as a fraction of
 the device's bf16 peak (``--peak-tflops``, or a known value for H100/H200). Attention FLOPs are counted as
-``4 * B * heads * L^2 * head_dim`` forward and 3.5x that forward+backward (flash-attn's convention). It also
-times the fused Triton 3D RoPE against the eager rotation on the same grids.
+``4 * B * heads * L^2 * head_dim`` forward and 3.5x that forward+backward (flash-attn's convention). The
+varlen rows run the batch as one packed stream: ``medfm triton`` is medfm's own flash-attention kernel,
+``flash-attn varlen`` flash-attn's (when installed). A second table gives each implementation's largest error
+against a float32 reference on the same inputs (output and gradients), and a third times the fused Triton 3D
+RoPE (queries and keys in one launch) against the eager rotation, forward and forward+backward.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def _timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def _implementations(device: torch.device, dtype: torch.dtype):
-    from medfm.layers.varlen_attention import varlen_attention_forward
+    from medfm.kernels import flash_attention_varlen, interpreting, triton_available
 
     def eager(q, k, v):
         weights = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -45,21 +48,50 @@ def _implementations(device: torch.device, dtype: torch.dtype):
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
-    def varlen(q, k, v):  # one packed stream of the batch's sequences
-        b, h, length, d = q.shape
-        packed = [t.transpose(0, 1).reshape(1, h, b * length, d) for t in (q, k, v)]
-        cu = torch.arange(b + 1, device=q.device) * length
-        return varlen_attention_forward(torch.nn.Module(), *packed, None, scaling=d**-0.5, cu_seqlens=cu)[0]
+    def packed(kernel):  # the batch's sequences as one packed stream, (total, heads, head_dim)
+        def run(q, k, v):
+            b, h, length, d = q.shape
+            stream = [t.transpose(1, 2).reshape(b * length, h, d) for t in (q, k, v)]
+            cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * length
+            return kernel(*stream, cu, length)
 
-    table = {"eager": eager, "sdpa": sdpa, "medfm_varlen": varlen}
-    try:
-        from flash_attn import flash_attn_func
+        return run
 
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            table["flash-attn"] = lambda q, k, v: flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)))
-    except ImportError:
-        pass
+    table = {"eager": eager, "sdpa": sdpa}
+    if triton_available() and (device.type == "cuda" or interpreting()):
+        table["medfm triton"] = packed(lambda q, k, v, cu, longest: flash_attention_varlen(q, k, v, cu))
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+        except ImportError:
+            pass
+        else:
+            table["flash-attn"] = lambda q, k, v: flash_attn_func(
+                *(t.transpose(1, 2) for t in (q, k, v))
+            ).transpose(1, 2)
+            table["flash-attn varlen"] = packed(
+                lambda q, k, v, cu, longest: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest)
+            )
     return table
+
+
+def _agreement(table, shape, device, dtype) -> None:
+    """Largest absolute error of output and gradients against float32 eager attention on the same inputs."""
+    generator = torch.Generator(device).manual_seed(0)
+    inputs = [torch.randn(shape, device=device, generator=generator) for _ in range(3)]
+    grad = torch.randn(shape, device=device, generator=generator)
+
+    def run(fn, cast):
+        leaves = [t.to(cast, copy=True).requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        out = out.reshape(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2) if out.ndim == 3 else out
+        out.backward(grad.to(out.dtype))
+        return [out.float()] + [leaf.grad.float() for leaf in leaves]
+
+    reference = run(table["eager"], torch.float32)
+    for label, fn in table.items():
+        errors = [(got - want).abs().max().item() for got, want in zip(run(fn, dtype), reference)]
+        print(f"| {label} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
 
 
 def main() -> None:
@@ -76,8 +108,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import medfm  # noqa: F401
-    from medfm.kernels import grid_positions, rope3d, rope3d_reference, triton_available
-    from medfm.layers import Rope3D
 
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -118,28 +148,52 @@ def main() -> None:
                 f"{args.batch * length / both:.0f} | {tflops:.2f} | {fraction} | {memory} |"
             )
 
-    print("\n| grid | RoPE | fwd ms | speed-up |")
-    print("| --- | --- | --- | --- |")
-    frequencies = Rope3D(args.head_dim, (2333.0, 10000.0, 10000.0)).frequencies(device)
+    print("\nLargest absolute error against float32 eager attention, first grid:\n")
+    print("| implementation | output | dq | dk | dv |")
+    print("| --- | --- | --- | --- | --- |")
+    first = tuple(int(n) for n in args.grids[0].split("x"))
+    shape = (args.batch, args.heads, first[0] * first[1] * first[2], args.head_dim)
+    _agreement(_implementations(device, dtype), shape, device, dtype)
+    _rope_table(args, device, dtype)
+
+
+def _rope_table(args, device: torch.device, dtype: torch.dtype) -> None:
+    """The fused RoPE (queries and keys in one launch) against the eager rotation with prebuilt cos/sin tables
+    (the model builds them once per forward pass and shares them across blocks, so they are not timed)."""
+    from medfm.kernels import interpreting, rope3d_qk, triton_available
+    from medfm.layers import Rope3D
+
+    rope = Rope3D(args.head_dim, (2333.0, 10000.0, 10000.0))
+    print("\n| grid | RoPE on q and k | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for grid_text in args.grids:
         grid = tuple(int(n) for n in grid_text.split("x"))
-        positions = grid_positions([grid], device=device)
-        x = torch.randn(args.batch, positions.shape[0], args.heads, args.head_dim, device=device, dtype=dtype)
-        eager = _timed(
-            lambda x=x, positions=positions: rope3d_reference(x, positions, *frequencies),
-            args.steps,
-            args.warmup,
-            device,
-        )
-        print(f"| {grid_text} | eager rotation (cos/sin tables) | {eager * 1e3:.3f} | 1.00x |")
-        if triton_available() and (device.type == "cuda" or __import__("os").environ.get("TRITON_INTERPRET")):
-            fused = _timed(
-                lambda x=x, positions=positions: rope3d(x, positions, *frequencies),
-                args.steps,
-                args.warmup,
-                device,
+        rotation = rope.rotation([grid], device=device)
+        rotation.tables  # noqa: B018  (built once, outside the timing)
+        shape = (args.batch, rotation.positions.shape[0], args.heads, args.head_dim)
+        q, k = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+
+        def eager(q=q, k=k, rotation=rotation):
+            return rotation.rotate_eager(q), rotation.rotate_eager(k)
+
+        def fused(q=q, k=k, rotation=rotation):
+            return rope3d_qk(q, k, rotation.positions, *rotation.frequencies)
+
+        results = {}
+        candidates = {"eager rotation (cos/sin tables)": eager}
+        if triton_available() and (device.type == "cuda" or interpreting()):
+            candidates["fused Triton kernel"] = fused
+        for label, fn in candidates.items():
+            forward = _timed(fn, args.steps, args.warmup, device)
+            both = _timed(
+                lambda fn=fn: sum(t.float().sum() for t in fn()).backward(), args.steps, args.warmup, device
             )
-            print(f"| {grid_text} | fused Triton kernel | {fused * 1e3:.3f} | {eager / fused:.2f}x |")
+            results[label] = (forward, both)
+            base = results["eager rotation (cos/sin tables)"]
+            print(
+                f"| {grid_text} | {label} | {forward * 1e3:.3f} | {both * 1e3:.3f} | "
+                f"{base[0] / forward:.2f}x | {base[1] / both:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

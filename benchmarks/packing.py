@@ -7,13 +7,15 @@
 The batch mixes volumes of different shapes and spacings (anisotropy levels), as a pre-training stream does.
 *Padded* puts every volume in the largest shape (zeros) and runs one ordinary batch, as upstream's
 shape-grouped batches would have to; *packed* runs ``SpadViTModel.forward_packed`` with
-``attn_implementation="medfm_varlen"``. Throughput counts real tokens only (padding is waste), forward and
-backward.
+``attn_implementation="medfm_varlen"`` (``--varlen-backend``: flash-attn's kernel, medfm's Triton kernel or
+per-sequence SDPA; ``auto`` picks the first available on the device). On CUDA both layouts use the fused RoPE
+kernel when Triton is installed. Throughput counts real tokens only (padding is waste), forward and backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -36,9 +38,12 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--varlen-backend", choices=["auto", "flash_attn", "triton", "sdpa"], default="auto")
     args = parser.parse_args()
+    os.environ["MEDFM_VARLEN_BACKEND"] = args.varlen_backend
 
     import medfm  # noqa: F401
+    from medfm.layers.varlen_attention import varlen_backend
     from medfm.models.spad import SpadViTConfig, SpadViTModel
 
     device = torch.device(args.device)
@@ -65,6 +70,8 @@ def main() -> None:
         f"{len(volumes)} volumes, {real_tokens} real tokens; padded to {largest}: "
         f"{len(volumes) * (largest[0] // 16) * (largest[1] // 16) * (largest[2] // 16)} tokens\n"
     )
+    probe = torch.empty(1, device=device, dtype=torch.bfloat16 if dtype != torch.float32 else torch.float32)
+    print(f"packed attention backend: {varlen_backend(probe)}\n")
     print("| layout | s/step | real tokens/s | peak MB |")
     print("| --- | --- | --- | --- |")
     results = {}

@@ -1,6 +1,7 @@
 """The Triton kernels behind :func:`medfm.kernels.flash_attention_varlen` (imports Triton: load lazily).
 
-One program handles one block of rows of one head of one sequence; the sequence's bounds come from
+One program handles one block of rows (grid axis 1) of one head of one sequence (grid axis 0, which has room
+for any number of sequences x heads); the sequence's bounds come from
 ``cu_seqlens``, and programs past a shorter sequence's end return at once. Tiles are ``BLOCK_M`` query rows by
 ``BLOCK_N`` key rows by ``BLOCK_D`` channels (the head size rounded up to a power of two, masked).
 """
@@ -47,9 +48,9 @@ def forward(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    block = tl.program_id(0)
-    head = tl.program_id(1) % heads
-    sequence = tl.program_id(1) // heads
+    head = tl.program_id(0) % heads
+    sequence = tl.program_id(0) // heads
+    block = tl.program_id(1)
     start = tl.load(CU + sequence)
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_M >= length:
@@ -88,9 +89,9 @@ def backward_key_value(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    block = tl.program_id(0)
-    head = tl.program_id(1) % heads
-    sequence = tl.program_id(1) // heads
+    head = tl.program_id(0) % heads
+    sequence = tl.program_id(0) // heads
+    block = tl.program_id(1)
     start = tl.load(CU + sequence)
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_N >= length:
@@ -129,9 +130,9 @@ def backward_query(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    block = tl.program_id(0)
-    head = tl.program_id(1) % heads
-    sequence = tl.program_id(1) // heads
+    head = tl.program_id(0) % heads
+    sequence = tl.program_id(0) // heads
+    block = tl.program_id(1)
     start = tl.load(CU + sequence)
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_M >= length:

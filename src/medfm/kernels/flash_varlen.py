@@ -41,7 +41,7 @@ def _launcher(block_sizes: tuple[int, int] | None):
 
 def _grid(longest: int, sequences: int, heads: int, block_key: str):
     def grid(meta):
-        return (-(-longest // meta[block_key]), sequences * heads)
+        return (sequences * heads, -(-longest // meta[block_key]))
 
     return grid
 
