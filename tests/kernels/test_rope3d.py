@@ -96,3 +96,33 @@ def test_bfloat16_rotation() -> None:
     x = torch.randn(2, positions.shape[0], 2, 16).bfloat16()
     expected = rope3d_reference(x.float(), positions, *frequencies)
     torch.testing.assert_close(rope3d(x, positions, *frequencies).float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_frequencies_are_checked() -> None:
+    positions = grid_positions([(1, 2, 2)])
+    x = torch.randn(1, positions.shape[0], 2, 16)
+    depth, height, width = _frequencies(16)
+    with pytest.raises(ValueError, match="needs 8 depth and 4 height and width frequencies"):
+        rope3d(x, positions, depth[:3], height, width)
+    with pytest.raises(ValueError, match="no gradient for the frequencies"):
+        rope3d(x, positions, depth.requires_grad_(True), height, width)
+
+
+def test_an_unused_key_costs_no_backward_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module("medfm.kernels.rope3d")
+    launches = []
+    original = module._launch
+    monkeypatch.setattr(
+        module, "_launch", lambda x, y, *rest: launches.append(y is not None) or original(x, y, *rest)
+    )
+    frequencies = _frequencies(8)
+    positions = grid_positions([(2, 2, 2)])
+    q, k = (torch.randn(1, positions.shape[0], 2, 8, requires_grad=True) for _ in range(2))
+    rotated_q, _ = rope3d_qk(q, k, positions, *frequencies)
+    rotated_q.sum().backward()
+    assert launches == [True, False] and k.grad is None  # the pair forward, then q alone backward
+    expected = q.detach().clone().requires_grad_(True)
+    rope3d_reference(expected, positions, *frequencies).sum().backward()
+    torch.testing.assert_close(q.grad, expected.grad, atol=1e-5, rtol=1e-5)

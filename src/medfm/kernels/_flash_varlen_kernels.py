@@ -1,7 +1,6 @@
 """The Triton kernels behind :func:`medfm.kernels.flash_attention_varlen` (imports Triton: load lazily).
 
-One program handles one block of rows (grid axis 1) of one head of one sequence (grid axis 0, which has room
-for any number of sequences x heads); the sequence's bounds come from
+One program handles one block of rows of one head of one sequence (a 1D grid); the sequence's bounds come from
 ``cu_seqlens``, and programs past a shorter sequence's end return at once. Tiles are ``BLOCK_M`` query rows by
 ``BLOCK_N`` key rows by ``BLOCK_D`` channels (the head size rounded up to a power of two, masked).
 """
@@ -31,6 +30,15 @@ def _store_rows(base, stride_token, offset, rows, length, d, values, HEAD_DIM: t
 
 
 @triton.jit
+def _program(heads, longest, BLOCK: tl.constexpr):
+    """``(head, sequence, block)`` of this program: a 1D grid of sequences x heads x ``cdiv(longest, BLOCK)``
+    (no axis limit of 65535 to meet); a block past a shorter sequence's end returns at once."""
+    blocks = tl.cdiv(longest, BLOCK)
+    program = tl.program_id(0)
+    return (program // blocks) % heads, program // (blocks * heads), program % blocks
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in float32. ``UPCAST`` (set for bf16 under the interpreter, whose bf16 ``tl.dot``
     multiplies raw bit patterns: triton-lang/triton#11584) multiplies in float32 instead: bf16 x bf16 products
@@ -44,14 +52,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def forward(
     Q, K, V, OUT, LSE, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    heads, total, scale_log2,
+    heads, total, longest, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(0) % heads
-    sequence = tl.program_id(0) // heads
-    block = tl.program_id(1)
-    start = tl.load(CU + sequence)
+    head, sequence, block = _program(heads, longest, BLOCK_M)
+    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_M >= length:
         return
@@ -77,7 +83,7 @@ def forward(
         OUT + head * stride_oh, stride_ot, start, rows, length, d, acc / running_sum[:, None], HEAD_DIM
     )
     lse = running_max + tl.log2(running_sum)
-    tl.store(LSE + head * total + start + rows, lse, mask=rows < length)
+    tl.store(LSE + head.to(tl.int64) * total + start + rows, lse, mask=rows < length)
 
 
 @triton.jit
@@ -85,14 +91,12 @@ def backward_key_value(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    heads, total, scale, scale_log2,
+    heads, total, longest, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(0) % heads
-    sequence = tl.program_id(0) // heads
-    block = tl.program_id(1)
-    start = tl.load(CU + sequence)
+    head, sequence, block = _program(heads, longest, BLOCK_N)
+    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_N >= length:
         return
@@ -107,8 +111,8 @@ def backward_key_value(
         row_ok = rows < length
         q = _load_rows(Q + head * stride_qh, stride_qt, start, rows, length, d, HEAD_DIM)
         do = _load_rows(DO + head * stride_doh, stride_dot, start, rows, length, d, HEAD_DIM)
-        lse = tl.load(LSE + head * total + start + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head * total + start + rows, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
         scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
         # Padded lanes get -inf before exp2: exp2(0 - lse) would overflow where all scores are very negative.
         scores = tl.where(row_ok[:, None] & (cols < length)[None, :], scores, float("-inf"))
@@ -126,14 +130,12 @@ def backward_query(
     Q, K, V, DO, LSE, DELTA, DQ, CU,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    heads, total, scale, scale_log2,
+    heads, total, longest, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(0) % heads
-    sequence = tl.program_id(0) // heads
-    block = tl.program_id(1)
-    start = tl.load(CU + sequence)
+    head, sequence, block = _program(heads, longest, BLOCK_M)
+    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
     length = tl.load(CU + sequence + 1) - start
     if block * BLOCK_M >= length:
         return
@@ -142,8 +144,8 @@ def backward_query(
     d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + head * stride_qh, stride_qt, start, rows, length, d, HEAD_DIM)
     do = _load_rows(DO + head * stride_doh, stride_dot, start, rows, length, d, HEAD_DIM)
-    lse = tl.load(LSE + head * total + start + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * total + start + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, length, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)

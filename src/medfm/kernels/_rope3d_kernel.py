@@ -28,7 +28,7 @@ def rope3d_kernel(
     HEAD_DIM: tl.constexpr, QUARTER: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
     SIGN: tl.constexpr, PAIR: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # one (batch, token)
+    row = tl.program_id(0).to(tl.int64)  # one (batch, token); 64-bit: row x heads x head_dim passes 2**31
     position = POSITIONS + (row // tokens) * positions_batch_stride + (row % tokens) * 3
     depth = tl.load(position).to(tl.float32)
     height = tl.load(position + 1).to(tl.float32)

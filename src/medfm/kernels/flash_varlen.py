@@ -19,6 +19,7 @@ import itertools
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._triton import interpreting, require_kernel_device
 
@@ -41,7 +42,7 @@ def _launcher(block_sizes: tuple[int, int] | None):
 
 def _grid(longest: int, sequences: int, heads: int, block_key: str):
     def grid(meta):
-        return (sequences * heads, -(-longest // meta[block_key]))
+        return (sequences * heads * -(-longest // meta[block_key]),)
 
     return grid
 
@@ -70,7 +71,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
         sequences = cu_seqlens.numel() - 1
         kernels.forward[_grid(longest, sequences, heads, "BLOCK_M")](
-            q, k, v, out, lse, cu_seqlens, *_token_strides(q, k, v, out), heads, total, scale * _LOG2_E,
+            q, k, v, out, lse, cu_seqlens, *_token_strides(q, k, v, out), heads, total, longest, scale * _LOG2_E,
             **_constants(head_dim, q.dtype), **blocks,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
@@ -78,6 +79,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         grad_out = _inner_contiguous(grad_out)
@@ -86,17 +88,21 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         sequences = cu_seqlens.numel() - 1
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         delta = (grad_out.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        scalars = (heads, total, ctx.scale, ctx.scale * _LOG2_E)
+        dq = dk = dv = None
+        scalars = (heads, total, ctx.longest, ctx.scale, ctx.scale * _LOG2_E)
         constants = _constants(head_dim, q.dtype)
-        kernels.backward_key_value[_grid(ctx.longest, sequences, heads, "BLOCK_N")](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *_token_strides(q, k, v, grad_out, dk, dv),
-            *scalars, **constants, **blocks,
-        )  # fmt: skip
-        kernels.backward_query[_grid(ctx.longest, sequences, heads, "BLOCK_M")](
-            q, k, v, grad_out, lse, delta, dq, cu_seqlens, *_token_strides(q, k, v, grad_out, dq),
-            *scalars, **constants, **blocks,
-        )  # fmt: skip
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            kernels.backward_key_value[_grid(ctx.longest, sequences, heads, "BLOCK_N")](
+                q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, *_token_strides(q, k, v, grad_out, dk, dv),
+                *scalars, **constants, **blocks,
+            )  # fmt: skip
+        if ctx.needs_input_grad[0]:
+            dq = torch.empty_like(q)
+            kernels.backward_query[_grid(ctx.longest, sequences, heads, "BLOCK_M")](
+                q, k, v, grad_out, lse, delta, dq, cu_seqlens, *_token_strides(q, k, v, grad_out, dq),
+                *scalars, **constants, **blocks,
+            )  # fmt: skip
         return dq, dk, dv, None, None, None, None
 
 
@@ -104,10 +110,15 @@ def _inner_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _check_offsets(cu_seqlens: torch.Tensor, total: int) -> int:
-    """Validate ``cu_seqlens`` and return the longest sequence's length."""
+def _check_offsets(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> int:
+    """Validate ``cu_seqlens`` and return the longest sequence's length (read back from the device only when
+    ``max_seqlen`` is not given: then the offsets are trusted)."""
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
         raise ValueError(f"cu_seqlens must be a 1D integer tensor [0, n1, n1 + n2, ...]; got {cu_seqlens}")
+    if max_seqlen is not None:
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0; got {max_seqlen}")
+        return int(max_seqlen)
     offsets = cu_seqlens.tolist()
     lengths = [b - a for a, b in itertools.pairwise(offsets)]
     if offsets[0] != 0 or offsets[-1] != total or min(lengths) < 0:
@@ -124,6 +135,7 @@ def flash_attention_varlen(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     scale: float | None = None,
+    max_seqlen: int | None = None,
     block_sizes: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sequence with medfm's Triton flash-attention kernel (differentiable).
@@ -133,8 +145,10 @@ def flash_attention_varlen(
             is exact). Any strides with a contiguous last dimension.
         cu_seqlens: ``(sequences + 1,)`` cumulative lengths ``[0, n1, n1 + n2, ..., total_tokens]``.
         scale: Softmax scale; ``head_dim ** -0.5`` by default.
+        max_seqlen: The longest sequence's length, if known on the host (as flash-attn takes it): saves reading
+            ``cu_seqlens`` back from the GPU (a synchronisation per call) and trusts it without checking.
         block_sizes: ``(BLOCK_M, BLOCK_N)`` query and key tile sizes, fixed instead of autotuned (tests,
-            experiments); at least 16 each on a GPU.
+            experiments): powers of two, at least 16.
 
     Returns:
         ``(total_tokens, heads, head_dim)``, contiguous, in ``q``'s dtype.
@@ -152,8 +166,10 @@ def flash_attention_varlen(
         raise ValueError(
             f"q, k and v must share one dtype of fp16, bf16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}"
         )
+    if block_sizes is not None and not all(b >= 16 and b & (b - 1) == 0 for b in block_sizes):
+        raise ValueError(f"block_sizes must be two powers of two >= 16; got {block_sizes}")
     require_kernel_device(q, k, v)
-    longest = _check_offsets(cu_seqlens, q.shape[0])
+    longest = _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (_inner_contiguous(t) for t in (q, k, v))
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._triton import require_kernel_device
 
@@ -51,12 +52,12 @@ def rope3d_reference(
 
 
 def _launch(x, y, positions, freq_depth, freq_in_plane, sign: float):
+    """Rotate ``x`` (and ``y``, when not None, in the same launch) by ``sign * theta``."""
     import triton
 
     from ._rope3d_kernel import rope3d_kernel
 
     batch, tokens, heads, head_dim = x.shape
-    positions = positions.to(device=x.device, dtype=torch.float32).contiguous()
     x_out = torch.empty_like(x)
     y_out = torch.empty_like(y) if y is not None else x_out
     rope3d_kernel[(batch * tokens,)](
@@ -65,8 +66,8 @@ def _launch(x, y, positions, freq_depth, freq_in_plane, sign: float):
         x_out,
         y_out,
         positions,
-        freq_depth.float().contiguous(),
-        freq_in_plane.float().contiguous(),
+        freq_depth,
+        freq_in_plane,
         tokens,
         heads,
         0 if positions.ndim == 2 else tokens * 3,
@@ -85,23 +86,28 @@ class _Rope3D(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, positions, freq_depth, freq_in_plane):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no launch for it
         ctx.save_for_backward(positions, freq_depth, freq_in_plane)
-        ctx.pair = y is not None
         return _launch(x, y, positions, freq_depth, freq_in_plane, 1.0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
-        positions, freq_depth, freq_in_plane = ctx.saved_tensors
-        grads = [g.contiguous() for g in grads]
-        rotated = _launch(
-            *grads, *([None] if len(grads) == 1 else []), positions, freq_depth, freq_in_plane, -1.0
-        )
-        if not ctx.pair:
-            return rotated, None, None, None, None
-        return *rotated, None, None, None
+        tables = ctx.saved_tensors
+        if len(grads) == 2 and grads[0] is not None and grads[1] is not None:
+            return *_launch(grads[0].contiguous(), grads[1].contiguous(), *tables, -1.0), None, None, None
+        rotated = [None if g is None else _launch(g.contiguous(), None, *tables, -1.0) for g in grads]
+        return *rotated, *([None] * (5 - len(rotated)))
 
 
-def _check(x: torch.Tensor, positions: torch.Tensor) -> None:
+def _prepare(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    freq_depth: torch.Tensor,
+    freq_height: torch.Tensor,
+    freq_width: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check shapes and devices; return float32 positions and depth and in-plane frequencies on ``x``'s device."""
     if x.ndim != 4 or x.shape[-1] % 4:
         raise ValueError(
             f"x must be (batch, tokens, heads, head_dim) with head_dim divisible by 4; got {tuple(x.shape)}"
@@ -111,7 +117,21 @@ def _check(x: torch.Tensor, positions: torch.Tensor) -> None:
         raise ValueError(
             f"positions must be {expected} for x of shape {tuple(x.shape)}; got {tuple(positions.shape)}"
         )
+    half = x.shape[-1] // 2
+    sizes = (freq_depth.numel(), freq_height.numel(), freq_width.numel())
+    if sizes != (half, half // 2, half // 2):
+        raise ValueError(
+            f"head_dim {x.shape[-1]} needs {half} depth and {half // 2} height and width frequencies; got {sizes}"
+        )
+    if any(f.requires_grad for f in (freq_depth, freq_height, freq_width)):
+        raise ValueError("the fused RoPE kernel has no gradient for the frequencies; pass them detached")
     require_kernel_device(x)
+    as_float = dict(device=x.device, dtype=torch.float32)
+    return (
+        positions.to(**as_float).contiguous(),
+        freq_depth.to(**as_float).contiguous(),
+        torch.cat([freq_height, freq_width]).to(**as_float).contiguous(),
+    )
 
 
 def rope3d(
@@ -131,11 +151,11 @@ def rope3d(
         freq_height, freq_width: ``(head_dim / 4,)`` each.
 
     Raises:
-        ValueError: Bad shapes.
+        ValueError: Bad shapes, or frequencies that require gradients.
         ImportError / RuntimeError: No Triton, or a CPU tensor outside ``TRITON_INTERPRET=1``.
     """
-    _check(x, positions)
-    return _Rope3D.apply(x.contiguous(), None, positions, freq_depth, torch.cat([freq_height, freq_width]))
+    tables = _prepare(x, positions, freq_depth, freq_height, freq_width)
+    return _Rope3D.apply(x.contiguous(), None, *tables)
 
 
 def rope3d_qk(
@@ -147,10 +167,10 @@ def rope3d_qk(
     freq_width: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope3d` of queries and keys in one launch: each token's angles are computed once for both."""
-    _check(query, positions)
-    if query.shape != key.shape or query.dtype != key.dtype:
+    if query.shape != key.shape or query.dtype != key.dtype or query.device != key.device:
         raise ValueError(
-            f"query and key must match; got {tuple(query.shape)} {query.dtype}, {tuple(key.shape)} {key.dtype}"
+            f"query and key must match; got {tuple(query.shape)} {query.dtype} {query.device}, "
+            f"{tuple(key.shape)} {key.dtype} {key.device}"
         )
-    in_plane = torch.cat([freq_height, freq_width])
-    return _Rope3D.apply(query.contiguous(), key.contiguous(), positions, freq_depth, in_plane)
+    tables = _prepare(query, positions, freq_depth, freq_height, freq_width)
+    return _Rope3D.apply(query.contiguous(), key.contiguous(), *tables)

@@ -80,20 +80,20 @@ def varlen_backend(query: torch.Tensor, dropout: float = 0.0) -> str:
     return "sdpa"
 
 
-def _triton_varlen(query, key, value, cu_seqlens, scaling):
+def _triton_varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
     from ..kernels import flash_attention_varlen
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim) views
-    return flash_attention_varlen(q, k, v, cu_seqlens, scale=scaling)[None]
+    return flash_attention_varlen(q, k, v, cu_seqlens, scale=scaling, max_seqlen=max_seqlen)[None]
 
 
-def _flash_varlen(query, key, value, cu_seqlens, scaling, dropout):
+def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scaling, dropout):
     from flash_attn import flash_attn_varlen_func
 
     # flash-attn takes (total, heads, head_dim) and int32 offsets.
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     offsets = cu_seqlens.to(torch.int32)
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    longest = max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = flash_attn_varlen_func(
         q, k, v, offsets, offsets, longest, longest, dropout_p=dropout, softmax_scale=scaling
     )
@@ -109,11 +109,14 @@ def varlen_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention within each packed sequence; ``query``/``key``/``value`` are ``(1, heads, total, head_dim)``.
 
-    Without ``cu_seqlens`` (an ordinary batch) this is plain SDPA. Returns ``(1, total, heads, head_dim)``.
+    ``cu_seqlens`` marks the sequences; ``max_seqlen``, their longest length when known on the host, spares the
+    GPU kernels a read-back. Without ``cu_seqlens`` (an ordinary batch) this is plain SDPA. Returns
+    ``(1, total, heads, head_dim)``.
     """
     if cu_seqlens is None:
         out = F.scaled_dot_product_attention(
@@ -126,9 +129,9 @@ def varlen_attention_forward(
         )
     backend = varlen_backend(query, dropout)
     if backend == "flash_attn":
-        return _flash_varlen(query, key, value, cu_seqlens, scaling, dropout), None
+        return _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scaling, dropout), None
     if backend == "triton":
-        return _triton_varlen(query, key, value, cu_seqlens, scaling), None
+        return _triton_varlen(query, key, value, cu_seqlens, max_seqlen, scaling), None
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):

@@ -26,7 +26,7 @@ def test_packed_equals_each_volume_alone(implementation: str) -> None:
     calls: list = []
 
     def spy(*args, **kwargs):  # proves the packed stream reaches the varlen function with its offsets
-        calls.append(kwargs.get("cu_seqlens"))
+        calls.append((kwargs.get("cu_seqlens"), kwargs.get("max_seqlen")))
         return varlen_attention_forward(*args, **kwargs)
 
     AttentionInterface.register(VARLEN_IMPLEMENTATION, spy)
@@ -40,7 +40,7 @@ def test_packed_equals_each_volume_alone(implementation: str) -> None:
     finally:
         AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
     if implementation == VARLEN_IMPLEMENTATION:
-        assert calls and calls[0].tolist() == [0, 25, 34, 47]
+        assert calls and calls[0][0].tolist() == [0, 25, 34, 47] and calls[0][1] == 25
     else:
         assert not calls
     assert packed.cu_seqlens.tolist() == [0, 25, 34, 47]

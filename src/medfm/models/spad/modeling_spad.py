@@ -427,7 +427,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
         hidden = torch.cat(sequences)[None]
         rotation = self.rope.rotation(grids, device=hidden.device)  # each volume its own positions
         if self.config._attn_implementation == VARLEN_IMPLEMENTATION:
-            attention_kwargs = {"cu_seqlens": cu_seqlens}
+            # The longest length from the host: the kernels need no read-back of cu_seqlens from the GPU.
+            attention_kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": max(len(seq) for seq in sequences)}
         else:
             attention_kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
         all_hidden = [hidden[0]] if output_hidden_states else None
