@@ -30,12 +30,36 @@ def _store_rows(base, stride_token, offset, rows, length, d, values, HEAD_DIM: t
 
 
 @triton.jit
-def _program(heads, longest, BLOCK: tl.constexpr):
-    """``(head, sequence, block)`` of this program: a 1D grid of sequences x heads x ``cdiv(longest, BLOCK)``
-    (no axis limit of 65535 to meet); a block past a shorter sequence's end returns at once."""
+def _program(CU, heads, longest, BLOCK: tl.constexpr):
+    """``(head, block, start, length)`` of this program: a 1D grid of sequences x heads x
+    ``cdiv(longest, BLOCK)`` (no axis limit of 65535 to meet); a block past a shorter sequence's end returns at
+    once. ``start`` is 64-bit, so token offsets times strides may pass 2**31."""
     blocks = tl.cdiv(longest, BLOCK)
     program = tl.program_id(0)
-    return (program // blocks) % heads, program // (blocks * heads), program % blocks
+    sequence = program // (blocks * heads)
+    start = tl.load(CU + sequence).to(tl.int64)
+    return (program // blocks) % heads, program % blocks, start, tl.load(CU + sequence + 1) - start
+
+
+@triton.jit
+def _row_statistics(LSE, DELTA, head, total, start, rows, row_ok):
+    """The forward pass's log2-sum-exp and ``delta = dO . O`` of ``rows`` (0 on padded rows)."""
+    offsets = head.to(tl.int64) * total + start + rows
+    return (
+        tl.load(LSE + offsets, mask=row_ok, other=0.0),
+        tl.load(DELTA + offsets, mask=row_ok, other=0.0),
+    )
+
+
+@triton.jit
+def _probabilities_and_score_grads(
+    q, k, v, do, lse, delta, valid, scale_log2, PRECISION: tl.constexpr, UPCAST: tl.constexpr
+):
+    """Recompute ``P`` of a (query, key) tile from the saved log-sum-exp, and ``dS = P * (dO V^T - delta)``."""
+    scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
+    # Padded lanes get -inf before exp2: exp2(0 - lse) would overflow where all scores are very negative.
+    p = tl.exp2(tl.where(valid, scores, float("-inf")) - lse[:, None])
+    return p, p * (_dot(do, tl.trans(v), PRECISION, UPCAST) - delta[:, None])
 
 
 @triton.jit
@@ -56,9 +80,7 @@ def forward(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head, sequence, block = _program(heads, longest, BLOCK_M)
-    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
-    length = tl.load(CU + sequence + 1) - start
+    head, block, start, length = _program(CU, heads, longest, BLOCK_M)
     if block * BLOCK_M >= length:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,9 +117,7 @@ def backward_key_value(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head, sequence, block = _program(heads, longest, BLOCK_N)
-    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
-    length = tl.load(CU + sequence + 1) - start
+    head, block, start, length = _program(CU, heads, longest, BLOCK_N)
     if block * BLOCK_N >= length:
         return
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,15 +131,10 @@ def backward_key_value(
         row_ok = rows < length
         q = _load_rows(Q + head * stride_qh, stride_qt, start, rows, length, d, HEAD_DIM)
         do = _load_rows(DO + head * stride_doh, stride_dot, start, rows, length, d, HEAD_DIM)
-        lse = tl.load(LSE + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        # Padded lanes get -inf before exp2: exp2(0 - lse) would overflow where all scores are very negative.
-        scores = tl.where(row_ok[:, None] & (cols < length)[None, :], scores, float("-inf"))
-        p = tl.exp2(scores - lse[:, None])
+        lse, delta = _row_statistics(LSE, DELTA, head, total, start, rows, row_ok)
+        valid = row_ok[:, None] & (cols < length)[None, :]
+        p, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, valid, scale_log2, PRECISION, UPCAST)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     _store_rows(DK + head * stride_dkh, stride_dkt, start, cols, length, d, dk * scale, HEAD_DIM)
     _store_rows(DV + head * stride_dvh, stride_dvt, start, cols, length, d, dv, HEAD_DIM)
@@ -134,9 +149,7 @@ def backward_query(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    head, sequence, block = _program(heads, longest, BLOCK_M)
-    start = tl.load(CU + sequence).to(tl.int64)  # 64-bit addressing: token offsets x strides pass 2**31
-    length = tl.load(CU + sequence + 1) - start
+    head, block, start, length = _program(CU, heads, longest, BLOCK_M)
     if block * BLOCK_M >= length:
         return
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,19 +157,14 @@ def backward_query(
     d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + head * stride_qh, stride_qt, start, rows, length, d, HEAD_DIM)
     do = _load_rows(DO + head * stride_doh, stride_dot, start, rows, length, d, HEAD_DIM)
-    lse = tl.load(LSE + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head.to(tl.int64) * total + start + rows, mask=row_ok, other=0.0)
+    lse, delta = _row_statistics(LSE, DELTA, head, total, start, rows, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, length, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
         k = _load_rows(K + head * stride_kh, stride_kt, start, cols, length, d, HEAD_DIM)
         v = _load_rows(V + head * stride_vh, stride_vt, start, cols, length, d, HEAD_DIM)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
-        # Padded lanes get -inf before exp2: exp2(0 - lse) would overflow where all scores are very negative.
-        scores = tl.where(row_ok[:, None] & (cols < length)[None, :], scores, float("-inf"))
-        p = tl.exp2(scores - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
+        valid = row_ok[:, None] & (cols < length)[None, :]
+        _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, valid, scale_log2, PRECISION, UPCAST)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     _store_rows(DQ + head * stride_dqh, stride_dqt, start, rows, length, d, dq * scale, HEAD_DIM)
 
