@@ -42,9 +42,15 @@ def _program(CU, heads, longest, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _statistics_offsets(head, total, start, rows):
+    """Offsets of ``rows`` in the per-row statistics (log-sum-exp, delta), stored ``(heads, total)``."""
+    return head.to(tl.int64) * total + start + rows
+
+
+@triton.jit
 def _row_statistics(LSE, DELTA, head, total, start, rows, row_ok):
     """The forward pass's log2-sum-exp and ``delta = dO . O`` of ``rows`` (0 on padded rows)."""
-    offsets = head.to(tl.int64) * total + start + rows
+    offsets = _statistics_offsets(head, total, start, rows)
     return (
         tl.load(LSE + offsets, mask=row_ok, other=0.0),
         tl.load(DELTA + offsets, mask=row_ok, other=0.0),
@@ -105,7 +111,7 @@ def forward(
         OUT + head * stride_oh, stride_ot, start, rows, length, d, acc / running_sum[:, None], HEAD_DIM
     )
     lse = running_max + tl.log2(running_sum)
-    tl.store(LSE + head.to(tl.int64) * total + start + rows, lse, mask=rows < length)
+    tl.store(LSE + _statistics_offsets(head, total, start, rows), lse, mask=rows < length)
 
 
 @triton.jit

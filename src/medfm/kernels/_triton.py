@@ -1,15 +1,13 @@
-"""What the Triton kernels share: availability, the interpreter check, lazy compilation and device checks."""
+"""What the Triton kernels share: availability, the interpreter check and device checks."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
-from collections.abc import Callable
 
 import torch
 
-__all__ = ["interpreting", "lazy_kernel", "require_kernel_device", "triton_available"]
+__all__ = ["interpreting", "require_kernel_device", "triton_available"]
 
 
 def triton_available() -> bool:
@@ -32,8 +30,3 @@ def require_kernel_device(*tensors: torch.Tensor) -> None:
                 f"the medfm Triton kernels run on CUDA tensors (got one on {tensor.device}); set "
                 "TRITON_INTERPRET=1 before importing triton to run them on CPU (slow: for tests)"
             )
-
-
-def lazy_kernel(build: Callable[[], object]) -> Callable[[], object]:
-    """Defer ``triton.jit`` (and the Triton import) to the first launch; later calls reuse the kernel."""
-    return functools.cache(build)

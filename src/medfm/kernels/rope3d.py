@@ -28,14 +28,9 @@ __all__ = ["grid_positions", "rope3d", "rope3d_qk", "rope3d_reference"]
 def grid_positions(grids: Sequence[Sequence[int]], cls_tokens: int = 1, device=None) -> torch.Tensor:
     """``(total, 3)`` integer positions of packed sequences: per grid, ``cls_tokens`` rows of ``-1`` then the
     grid's ``(d, h, w)`` in row-major order."""
-    rows = []
-    for grid in grids:
-        rows.append(torch.full((cls_tokens, 3), -1, dtype=torch.int32, device=device))
-        d, h, w = torch.meshgrid(
-            *(torch.arange(n, dtype=torch.int32, device=device) for n in grid), indexing="ij"
-        )
-        rows.append(torch.stack([d.reshape(-1), h.reshape(-1), w.reshape(-1)], dim=1))
-    return torch.cat(rows)
+    from ..layers.rope import packed_token_positions
+
+    return packed_token_positions(grids, cls_tokens, device=device).to(torch.int32)
 
 
 def rope3d_reference(

@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-__all__ = ["FUSED_ROPE_ENV", "Rope3D", "TokenRotation", "apply_interleaved_rope"]
+__all__ = ["FUSED_ROPE_ENV", "Rope3D", "TokenRotation", "apply_interleaved_rope", "packed_token_positions"]
 
 FUSED_ROPE_ENV = "MEDFM_FUSED_ROPE"
 
@@ -56,26 +56,17 @@ class Rope3D(nn.Module):
             f.to(device=device, dtype=torch.float32) for f in (torch.cat([depth, depth]), height, width)
         )
 
-    def positions(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-        """``(D'H'W', 3)`` float ``(d, h, w)`` positions of a token grid (rescaled where configured)."""
-        axes = []
-        for n, rescale in zip(grid, self.rescale_shape):
-            index = torch.arange(n, device=device, dtype=torch.float32)
-            axes.append(index * rescale / n if rescale > 0 else index)
-        return torch.stack([axis.reshape(-1) for axis in torch.meshgrid(*axes, indexing="ij")], dim=-1)
-
     def angles(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """``(D'H'W', head_dim / 2)`` angles, tokens in ``(d, h, w)`` row-major order."""
-        return _angles(self.positions(grid, device), *self.frequencies(device))
+        return _angles(_grid_positions(grid, self.rescale_shape, device), *self.frequencies(device))
 
     def rotation(
         self, grids: Sequence[Sequence[int]], cls_tokens: int = 1, device: torch.device | None = None
     ) -> TokenRotation:
         """The :class:`TokenRotation` of one or more token grids, each preceded by ``cls_tokens`` unrotated
         tokens (one grid: an ordinary sequence; several: a packed stream, each grid with its own positions)."""
-        unrotated = torch.full((cls_tokens, 3), -1.0, device=device)
-        rows = [part for grid in grids for part in (unrotated, self.positions(grid, device))]
-        return TokenRotation(torch.cat(rows), *self.frequencies(device))
+        positions = packed_token_positions(grids, cls_tokens, self.rescale_shape, device)
+        return TokenRotation(positions, *self.frequencies(device))
 
     def forward(
         self, grid: Sequence[int], device: torch.device | None = None
@@ -93,6 +84,31 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if cos.ndim == 3:
         cos, sin = cos[:, None], sin[:, None]
     return _rotate_pairs(x, cos, sin)
+
+
+def _grid_positions(
+    grid: Sequence[int], rescale_shape: Sequence[int], device: torch.device | None
+) -> torch.Tensor:
+    """``(D'H'W', 3)`` float ``(d, h, w)`` positions of a token grid; per axis, ``R > 0`` rescales index ``t``
+    of ``n`` to ``t * R / n``."""
+    axes = []
+    for n, rescale in zip(grid, rescale_shape):
+        index = torch.arange(n, device=device, dtype=torch.float32)
+        axes.append(index * rescale / n if rescale > 0 else index)
+    return torch.stack([axis.reshape(-1) for axis in torch.meshgrid(*axes, indexing="ij")], dim=-1)
+
+
+def packed_token_positions(
+    grids: Sequence[Sequence[int]],
+    cls_tokens: int = 1,
+    rescale_shape: Sequence[int] = (-1, -1, -1),
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``(total, 3)`` float positions of one or more token grids in a stream: per grid, ``cls_tokens`` rows of
+    ``-1`` (left unrotated) then the grid's ``(d, h, w)`` in row-major order."""
+    unrotated = torch.full((cls_tokens, 3), -1.0, device=device)
+    rows = [part for grid in grids for part in (unrotated, _grid_positions(grid, rescale_shape, device))]
+    return torch.cat(rows)
 
 
 def _angles(

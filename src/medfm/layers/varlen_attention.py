@@ -80,18 +80,22 @@ def varlen_backend(query: torch.Tensor, dropout: float = 0.0) -> str:
     return "sdpa"
 
 
+def _token_major(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``(1, heads, total, head_dim)`` to the varlen kernels' ``(total, heads, head_dim)`` (views)."""
+    return [t[0].transpose(0, 1) for t in tensors]
+
+
 def _triton_varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
     from ..kernels import flash_attention_varlen
 
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim) views
+    q, k, v = _token_major(query, key, value)
     return flash_attention_varlen(q, k, v, cu_seqlens, scale=scaling, max_seqlen=max_seqlen)[None]
 
 
 def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scaling, dropout):
     from flash_attn import flash_attn_varlen_func
 
-    # flash-attn takes (total, heads, head_dim) and int32 offsets.
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = _token_major(query, key, value)  # flash-attn also takes int32 offsets
     offsets = cu_seqlens.to(torch.int32)
     longest = max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = flash_attn_varlen_func(

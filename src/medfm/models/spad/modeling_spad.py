@@ -323,10 +323,13 @@ class SpadViTModel(SpadViTPreTrainedModel):
         # With mask_layer_ids, the other blocks see only the cls and visible tokens (MAE-style).
         partial = masked is not None and self.config.mask_layer_ids is not None
         visible = visible_indices_from_mask(masked) if partial else None
+        if partial:  # the cls row, then the visible rows: each token keeps its own angles, for every block
+            rows = torch.cat([torch.zeros_like(visible[:, :1]), visible + 1], dim=1)
+            visible_rotation = rotation.select(rows)
         all_hidden = [hidden] if output_hidden_states else None
         for index, block in enumerate(self.blocks):
             if partial and index not in self.config.mask_layer_ids:
-                hidden = self._visible_only(block, hidden, visible, rotation)
+                hidden = self._visible_only(block, hidden, visible, visible_rotation)
             else:
                 hidden = block(hidden, rotation)
             if all_hidden is not None:
@@ -367,13 +370,12 @@ class SpadViTModel(SpadViTPreTrainedModel):
         block: SpadViTLayer,
         hidden: torch.Tensor,
         visible: torch.Tensor,
-        rotation: TokenRotation,
+        visible_rotation: TokenRotation,
     ) -> torch.Tensor:
         width = hidden.shape[-1]
         token_index = (visible + 1)[..., None].expand(-1, -1, width)  # +1: skip cls
         subset = torch.cat([hidden[:, :1], hidden.gather(1, token_index)], dim=1)
-        rows = torch.cat([torch.zeros_like(visible[:, :1]), visible + 1], dim=1)  # cls row, then visible rows
-        out = block(subset, rotation.select(rows))  # each token keeps its own angles
+        out = block(subset, visible_rotation)
         return torch.cat(
             [out[:, :1], hidden[:, 1:].scatter(1, visible[..., None].expand(-1, -1, width), out[:, 1:])],
             dim=1,
