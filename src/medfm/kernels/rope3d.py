@@ -21,6 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._triton import require_kernel_device
+from .rope_math import packed_token_positions, rotate_pairs, rotation_tables
 
 __all__ = ["grid_positions", "rope3d", "rope3d_qk", "rope3d_reference"]
 
@@ -28,8 +29,6 @@ __all__ = ["grid_positions", "rope3d", "rope3d_qk", "rope3d_reference"]
 def grid_positions(grids: Sequence[Sequence[int]], cls_tokens: int = 1, device=None) -> torch.Tensor:
     """``(total, 3)`` integer positions of packed sequences: per grid, ``cls_tokens`` rows of ``-1`` then the
     grid's ``(d, h, w)`` in row-major order."""
-    from ..layers.rope import packed_token_positions
-
     return packed_token_positions(grids, cls_tokens, device=device).to(torch.int32)
 
 
@@ -41,9 +40,8 @@ def rope3d_reference(
     freq_width: torch.Tensor,
 ) -> torch.Tensor:
     """The definition, in PyTorch (medfm's eager rotation): same arguments as :func:`rope3d`."""
-    from ..layers.rope import TokenRotation
-
-    return TokenRotation(positions.float(), freq_depth, freq_height, freq_width).rotate_eager(x)
+    cos, sin = rotation_tables(positions.float(), freq_depth, freq_height, freq_width)
+    return rotate_pairs(x, cos.unsqueeze(-2), sin.unsqueeze(-2))  # broadcast over heads
 
 
 def _launch(x, y, positions, freq_depth, freq_in_plane, sign: float):

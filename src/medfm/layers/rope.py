@@ -13,6 +13,15 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..kernels import rope3d_qk, triton_available
+from ..kernels.rope_math import (
+    grid_token_positions,
+    packed_token_positions,
+    rope_angles,
+    rotate_pairs,
+    rotation_tables,
+)
+
 __all__ = ["FUSED_ROPE_ENV", "Rope3D", "TokenRotation", "apply_interleaved_rope", "packed_token_positions"]
 
 FUSED_ROPE_ENV = "MEDFM_FUSED_ROPE"
@@ -58,7 +67,7 @@ class Rope3D(nn.Module):
 
     def angles(self, grid: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
         """``(D'H'W', head_dim / 2)`` angles, tokens in ``(d, h, w)`` row-major order."""
-        return _angles(_grid_positions(grid, self.rescale_shape, device), *self.frequencies(device))
+        return rope_angles(grid_token_positions(grid, self.rescale_shape, device), *self.frequencies(device))
 
     def rotation(
         self, grids: Sequence[Sequence[int]], cls_tokens: int = 1, device: torch.device | None = None
@@ -83,46 +92,12 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """
     if cos.ndim == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return _rotate_pairs(x, cos, sin)
-
-
-def _grid_positions(
-    grid: Sequence[int], rescale_shape: Sequence[int], device: torch.device | None
-) -> torch.Tensor:
-    """``(D'H'W', 3)`` float ``(d, h, w)`` positions of a token grid; per axis, ``R > 0`` rescales index ``t``
-    of ``n`` to ``t * R / n``."""
-    axes = []
-    for n, rescale in zip(grid, rescale_shape):
-        index = torch.arange(n, device=device, dtype=torch.float32)
-        axes.append(index * rescale / n if rescale > 0 else index)
-    return torch.stack([axis.reshape(-1) for axis in torch.meshgrid(*axes, indexing="ij")], dim=-1)
-
-
-def packed_token_positions(
-    grids: Sequence[Sequence[int]],
-    cls_tokens: int = 1,
-    rescale_shape: Sequence[int] = (-1, -1, -1),
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """``(total, 3)`` float positions of one or more token grids in a stream: per grid, ``cls_tokens`` rows of
-    ``-1`` (left unrotated) then the grid's ``(d, h, w)`` in row-major order."""
-    unrotated = torch.full((cls_tokens, 3), -1.0, device=device)
-    rows = [part for grid in grids for part in (unrotated, _grid_positions(grid, rescale_shape, device))]
-    return torch.cat(rows)
-
-
-def _angles(
-    positions: torch.Tensor, freq_depth: torch.Tensor, freq_height: torch.Tensor, freq_width: torch.Tensor
-) -> torch.Tensor:
-    d, h, w = positions[..., 0:1], positions[..., 1:2], positions[..., 2:3]
-    return d * freq_depth + torch.cat([h * freq_height, w * freq_width], dim=-1)
+    return rotate_pairs(x, cos, sin)
 
 
 def _fused_rope_wanted(x: torch.Tensor) -> bool:
     """``MEDFM_FUSED_ROPE``: ``auto`` (default; the Triton kernel for CUDA tensors when Triton is installed),
     ``1`` (always: CPU tensors need ``TRITON_INTERPRET=1``) or ``0`` (never)."""
-    from ..kernels import triton_available
-
     choice = os.environ.get(FUSED_ROPE_ENV, "auto").strip().lower()
     if choice in ("1", "true", "on"):
         return True
@@ -164,26 +139,15 @@ class TokenRotation:
     @cached_property
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``(..., L, head_dim / 2)``, identity rows (cos 1, sin 0) for unrotated tokens."""
-        theta = _angles(self.positions, *self.frequencies)
-        keep = self.positions[..., :1] < 0
-        return theta.cos().masked_fill(keep, 1.0), theta.sin().masked_fill(keep, 0.0)
+        return rotation_tables(self.positions, *self.frequencies)
 
     def rotate_pair(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate token-major ``query`` and ``key`` ``(B, L, heads, head_dim)``."""
         if _fused_rope_wanted(query):
-            from ..kernels import rope3d_qk
-
             return rope3d_qk(query, key, self.positions, *self.frequencies)
         return self.rotate_eager(query), self.rotate_eager(key)
 
     def rotate_eager(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate token-major ``x`` ``(B, L, heads, head_dim)`` with the cos/sin tables (plain PyTorch)."""
         cos, sin = self.tables
-        return _rotate_pairs(x, cos.unsqueeze(-2), sin.unsqueeze(-2))  # broadcast over heads
-
-
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+        return rotate_pairs(x, cos.unsqueeze(-2), sin.unsqueeze(-2))  # broadcast over heads

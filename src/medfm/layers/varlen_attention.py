@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from ..kernels import flash_attention_varlen, triton_available
+
 __all__ = [
     "VARLEN_BACKENDS",
     "VARLEN_BACKEND_ENV",
@@ -59,8 +61,6 @@ def _flash_attn_installed() -> bool:
 
 def varlen_backend(query: torch.Tensor, dropout: float = 0.0) -> str:
     """The backend ``medfm_varlen`` uses for ``query``: ``flash_attn``, ``triton`` or ``sdpa`` (see the module)."""
-    from ..kernels import triton_available
-
     choice = os.environ.get(VARLEN_BACKEND_ENV, "auto").strip().lower()
     if choice not in VARLEN_BACKENDS:
         raise ValueError(f"{VARLEN_BACKEND_ENV} must be one of {', '.join(VARLEN_BACKENDS)}; got {choice!r}")
@@ -86,8 +86,6 @@ def _token_major(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _triton_varlen(query, key, value, cu_seqlens, max_seqlen, scaling):
-    from ..kernels import flash_attention_varlen
-
     q, k, v = _token_major(query, key, value)
     return flash_attention_varlen(q, k, v, cu_seqlens, scale=scaling, max_seqlen=max_seqlen)[None]
 
