@@ -118,30 +118,44 @@ def ct_series(tmp_path: Path, ct_small_path: Path) -> tuple[Path, list[np.ndarra
     return tmp_path / "ct_series", pixels, gap
 
 
-def fixtures_root() -> Path | None:
-    """Folder of upstream parity fixtures (``MEDFM_FIXTURES`` or ``../shared/fixtures``), if present."""
+# The parity fixtures are data, not tests: nothing under tests/fixtures is collected.
+collect_ignore = ["fixtures"]
+
+#: The upstream parity fixtures shipped with the project (one folder per family).
+SHIPPED_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixtures_root() -> Path:
+    """Folder of upstream parity fixtures: ``MEDFM_FIXTURES`` when set, else ``tests/fixtures``.
+
+    ``MEDFM_FIXTURES`` names a folder with the same layout (``<family>/upstream_config.json``, ...): a
+    held-back fixture set made with other configs runs through the same tests that way.
+    """
     configured = os.environ.get("MEDFM_FIXTURES")
-    root = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    return root if root.is_dir() else None
+    return Path(configured).expanduser().resolve() if configured else SHIPPED_FIXTURES
+
+
+def family_fixtures(family: str) -> Path:
+    """The fixture folder of ``family``; fails the calling test when it is missing (never skips)."""
+    root = fixtures_root()
+    folder = root / family
+    if not folder.is_dir():
+        source = (
+            "MEDFM_FIXTURES" if os.environ.get("MEDFM_FIXTURES") else "the fixtures shipped in tests/fixtures"
+        )
+        pytest.fail(
+            f"parity fixtures for {family!r} are missing: {folder} is not a folder (looked in {source}; "
+            "MEDFM_FIXTURES=<folder> must hold one sub-folder per family)",
+            pytrace=False,
+        )
+    return folder
 
 
 @pytest.fixture(scope="session")
 def upstream_fixtures():
     """Return a function ``family -> Path`` of that family's fixture folder.
 
-    Skips with a reason when the folder is missing, and fails instead under ``MEDFM_REQUIRE_FIXTURES=1``.
+    A missing folder fails the test (the fixtures ship with the project; see ``tests/fixtures/README.md``).
+    ``MEDFM_REQUIRE_FIXTURES`` (set by ``.ci/run``) is no longer needed and changes nothing.
     """
-
-    def locate(family: str) -> Path:
-        root = fixtures_root()
-        folder = root / family if root is not None else None
-        if folder is None or not folder.is_dir():
-            message = (
-                f"parity fixtures for {family!r} not found (looked in MEDFM_FIXTURES or ../shared/fixtures)"
-            )
-            if os.environ.get("MEDFM_REQUIRE_FIXTURES") == "1":
-                pytest.fail(message + " and MEDFM_REQUIRE_FIXTURES=1")
-            pytest.skip(message)
-        return folder
-
-    return locate
+    return family_fixtures
