@@ -4,7 +4,8 @@
     accelerate launch examples/finetune_classification.py --model org/spad-vit-base \
         --data organmnist3d/ --output runs/organ --preset spad-medmnist-3d --steps 3000 [--lora]
 
-Data: a folder with one sub-folder per class (NIfTI or DICOM inside) or a JSON file with a ``training``
+``--model`` is any medfm model (a folder or Hub id); its classification head is built through
+``AutoModelForImageClassification``. Data: a folder with one sub-folder per class (NIfTI or DICOM inside) or a JSON file with a ``training``
 list of ``{"image", "label"}``. A fraction is held out for validation accuracy and AUC. The final model (or
 adapter), its processor and a card with the validation scores go to ``OUTPUT``.
 """
@@ -15,7 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from medfm.training.arguments import add_training_arguments, training_config, wrap_with_adapters
+from medfm.training.arguments import (
+    add_training_arguments,
+    load_for_task,
+    training_config,
+    wrap_with_adapters,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,9 +41,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from transformers import AutoModelForImageClassification
 
     from medfm.hub import CardInfo, write_model_card
-    from medfm.models.spad import SpadViTForImageClassification
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
         ClassificationSample,
@@ -66,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     val_samples = [samples[i] for i in order[:held_out]] or samples
     train_samples = [samples[i] for i in order[held_out:]] or samples
 
-    model = SpadViTForImageClassification.from_pretrained(
+    model = load_for_task(
+        AutoModelForImageClassification,
         args.model,
         num_labels=len(classes),
         id2label=dict(enumerate(classes)),
         label2id=index,
-        ignore_mismatched_sizes=True,
     )
     model = wrap_with_adapters(model, args)
 

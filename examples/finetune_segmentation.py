@@ -3,22 +3,30 @@
 
     accelerate launch examples/finetune_segmentation.py --model org/spad-vit-base \
         --data Task09_Spleen/dataset.json --output runs/spleen --num-labels 2 \
-        --patch-size 4 16 16 --in-channels 1 --preset mim-spleen --steps 5000 [--lora]
+        --preset spad-btcv --steps 5000 [--lora]
 
-Data: a Medical Segmentation Decathlon ``dataset.json`` or a folder with ``imagesTr/`` and ``labelsTr/``.
-A fraction of the cases is held out for validation Dice (sliding windows, ``medfm.metrics``). Checkpoints
-(``accelerate`` state) go to ``OUTPUT/checkpoints``, the last two kept; the final model (or adapter), its
-processor and a model card with the validation Dice go to ``OUTPUT``.
+``--model`` is any medfm model (a folder or Hub id); its segmentation head is built through
+``AutoModelForSemanticSegmentation`` with the family's fine-tuning defaults (SPAD: a fixed (4, 16, 16) patch)
+and as many input channels as the processed images have. Data: a Medical Segmentation Decathlon
+``dataset.json`` or a folder with ``imagesTr/`` and ``labelsTr/``. A fraction of the cases is held out for
+validation Dice (the pipeline's sliding windows, ``medfm.metrics``). Checkpoints (``accelerate`` state,
+written atomically) go to ``OUTPUT/checkpoints`` at every validation, the last two kept; the final model (or
+adapter), its processor and a model card with the validation Dice go to ``OUTPUT``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from medfm.training.arguments import adapter_kind, add_training_arguments, training_config, wrap_with_adapters
+from medfm.training.arguments import (
+    adapter_kind,
+    add_training_arguments,
+    load_for_task,
+    training_config,
+    wrap_with_adapters,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,9 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--num-labels", type=int, required=True, help="classes, background included")
     parser.add_argument(
-        "--patch-size", type=int, nargs=3, default=(4, 16, 16), help="fixed patch for fine-tuning"
+        "--patch-size",
+        type=int,
+        nargs=3,
+        help="patch (D, H, W) of the fine-tuned model (default: the family's)",
     )
-    parser.add_argument("--in-channels", type=int, default=1)
+    parser.add_argument(
+        "--in-channels", type=int, help="input channels (default: those of the processed images)"
+    )
+    parser.add_argument(
+        "--config", default="{}", help="JSON object of further config fields of the fine-tuned model"
+    )
     parser.add_argument("--preset", help="processor preset (default: the model's own processor)")
     parser.add_argument("--crop", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
     add_training_arguments(parser, lr=1e-4, batch_size=2)
@@ -41,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from transformers import AutoModelForSemanticSegmentation
 
     from medfm.hub import CardInfo, write_model_card
-    from medfm.models.spad import SpadViTForSemanticSegmentation
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
         VolumeCropSampler,
@@ -66,35 +82,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     samples = [prepare_segmentation_sample(processor, image, label) for image, label in pairs]
     train_samples, val_samples = samples[held_out:] or samples, samples[:held_out] or samples
 
-    model = SpadViTForSemanticSegmentation.from_pretrained(
+    overrides = {"num_labels": args.num_labels, **json.loads(args.config)}
+    if args.patch_size:
+        overrides["patch_size"] = list(args.patch_size)
+    model = load_for_task(
+        AutoModelForSemanticSegmentation,
         args.model,
-        patch_size=tuple(args.patch_size),
-        adaptive_patch_embed=False,
-        in_channels=args.in_channels,
-        num_labels=args.num_labels,
-        ignore_mismatched_sizes=True,
+        num_channels=args.in_channels or int(samples[0].pixel_values.shape[0]),
+        **overrides,
     )
     model = wrap_with_adapters(model, args)
 
     roi = tuple(args.crop)
     labels = list(range(1, args.num_labels))
-    checkpoints = output / "checkpoints"
 
     def validate(trained, step: int) -> dict[str, float]:
         scores = evaluate_segmentation(trained, val_samples, roi, labels=labels)
         accelerator.print(
             f"step {step}: validation {json.dumps({k: round(v, 4) for k, v in scores.items()})}"
         )
-        if accelerator.is_main_process:
-            accelerator.save_state(str(checkpoints / f"step-{step:07d}"))
-            for old in sorted(checkpoints.glob("step-*"))[:-2]:
-                shutil.rmtree(old)
         return scores
 
     sampler = VolumeCropSampler(
         train_samples, crop=roi, batch_size=args.batch_size, flip_axes=(1, 2), seed=args.seed
     )
-    config = training_config(args)
+    # The loop checkpoints atomically at every validation and keeps the last two.
+    config = training_config(args, output_dir=str(output), save_every=args.eval_every, keep_last=2)
     history = train(
         model, sampler, config, on_eval=validate, accelerator=accelerator, description="fine-tuning"
     )

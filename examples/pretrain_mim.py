@@ -18,9 +18,7 @@ from medfm.training.pretraining import pretraining_parser, run_pretraining
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    parser = pretraining_parser(
-        __doc__.split("\n\n")[0], objective="spad-vit", crop_size=160, depth_tokens=5, lr=2e-5
-    )
+    parser = pretraining_parser(__doc__.split("\n\n")[0], objective="spad-vit")
     return run_pretraining(parser.parse_args(argv))
 
 

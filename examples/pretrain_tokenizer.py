@@ -16,9 +16,7 @@ from medfm.training.pretraining import pretraining_parser, run_pretraining
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    parser = pretraining_parser(
-        __doc__.split("\n\n")[0], objective="spad-vt", crop_size=128, depth_tokens=4, lr=1e-4
-    )
+    parser = pretraining_parser(__doc__.split("\n\n")[0], objective="spad-vt")
     return run_pretraining(parser.parse_args(argv))
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .errors import MedfmError
 
-__all__ = ["main"]
+__all__ = ["convert_main", "main"]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -91,20 +91,54 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import json
+    from .models.registry import family_named
 
-    from .models.spad.convert_spad import convert_spad_checkpoint
-
-    converters = {"spad": convert_spad_checkpoint}
-    out = converters[args.family](
+    family = family_named(args.family)
+    own = {option.name for option in family.converter_options}
+    options = {}
+    for name in _converter_option_names():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in own:
+            raise ValueError(f"--{name.replace('_', '-')} is not an option of the {family.name} converter")
+        options[name] = value
+    out = family.load_converter()(
         args.checkpoint,
         args.output,
-        tokenizer=args.tokenizer,
-        config_overrides=json.loads(args.config),
+        config_overrides=_config_overrides(args.config),
         trust_checkpoint=args.trust_checkpoint,
+        **options,
     )
     print(f"wrote {out}")
     return 0
+
+
+def _config_overrides(text: str) -> dict:
+    """``--config``: a JSON object, or the path of a ``.json`` file holding one."""
+    from pathlib import Path
+
+    source = "--config"
+    if text.endswith(".json"):
+        source, text = text, Path(text).read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source} must be a JSON object of config fields; got {type(value).__name__}")
+    return value
+
+
+def convert_main(family: str, argv: Sequence[str] | None = None) -> int:
+    """``medfm convert FAMILY ...`` as a stand-alone script (``conversion/convert_<family>_original_to_hf.py``)."""
+    return main(["convert", family, *(sys.argv[1:] if argv is None else argv)])
+
+
+def _converter_option_names() -> list[str]:
+    from .models.registry import families
+
+    return list(dict.fromkeys(o.name for f in families() for o in f.converter_options))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -171,14 +205,25 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--device", default=None, help="e.g. cpu, cuda")
     classify.set_defaults(func=_cmd_classify)
 
-    convert = commands.add_parser("convert", help="convert an original checkpoint to a medfm model folder")
-    convert.add_argument("family", choices=["spad"], help="model family")
+    from .models.registry import families
+
+    convertible = [family for family in families() if family.converter is not None]
+    convert = commands.add_parser(
+        "convert",
+        help="convert an original checkpoint to a medfm model folder",
+        description="Families: " + "; ".join(f"{f.name}: {f.title}" for f in convertible),
+    )
+    convert.add_argument("family", choices=[f.name for f in convertible], help="model family")
     convert.add_argument(
         "--checkpoint", required=True, help="original checkpoint (.ckpt, .pth, .safetensors)"
     )
-    convert.add_argument("--tokenizer", help="SPAD: the SPAD-VT tokenizer checkpoint")
+    for family in convertible:
+        for option in family.converter_options:
+            convert.add_argument(f"--{option.name.replace('_', '-')}", help=f"{family.name}: {option.help}")
     convert.add_argument("--output", required=True, help="output folder")
-    convert.add_argument("--config", default="{}", help="JSON object of config fields shapes cannot tell")
+    convert.add_argument(
+        "--config", default="{}", help="JSON object (or .json file) of config fields shapes cannot tell"
+    )
     convert.add_argument("--trust-checkpoint", action="store_true", help="full unpickling for a trusted file")
     convert.set_defaults(func=_cmd_convert)
 

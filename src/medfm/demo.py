@@ -73,9 +73,10 @@ def demo_processor() -> MedicalImageProcessor:
 
 def demo_model():
     """A small SPAD-ViT segmentation model (about 0.5 M parameters), randomly initialised."""
-    from .models.spad import SpadViTConfig, SpadViTForSemanticSegmentation
+    from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
-    config = SpadViTConfig(
+    config = AutoConfig.for_model(
+        "spad_vit",
         hidden_size=64,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -91,7 +92,7 @@ def demo_model():
         id2label=TISSUE_NAMES,
     )
     torch.manual_seed(0)
-    return SpadViTForSemanticSegmentation(config)
+    return AutoModelForSemanticSegmentation.from_config(config)
 
 
 def run_demo(out_dir: str | Path = "demo_outputs", steps: int = 300, seed: int = 0) -> dict[str, Path]:

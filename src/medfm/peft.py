@@ -27,33 +27,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return base() if callable(base) else model
 
 
+def _preset(model: nn.Module):
+    model = _unwrap(model)
+    try:
+        family = family_of(model)
+    except KeyError as error:
+        raise ValueError(f"{type(model).__name__} is not a medfm model ({error.args[0]})") from None
+    preset = family.peft_preset(type(model))
+    if preset is None:
+        raise ValueError(
+            f"the {family.name} family has no adapter preset for {type(model).__name__} (no transformer blocks)"
+        )
+    return preset
+
+
 def adapter_targets(model: nn.Module) -> str:
-    """The regex of Linear layers to adapt in ``model``'s family.
+    """The regex of Linear layers to adapt in ``model`` (its family's preset for its class).
 
     Raises:
-        ValueError: The model is not a medfm model, or its family has no preset.
+        ValueError: The model is not a medfm model, or its class has no preset.
     """
-    model = _unwrap(model)
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{type(model).__name__} is not a medfm model (no config)")
-    try:
-        entry = family_of(config.model_type)
-    except KeyError as error:
-        raise ValueError(str(error)) from None
-    if entry.adapter_targets is None:
-        raise ValueError(f"the {config.model_type} family has no adapter preset (no transformer blocks)")
-    return entry.adapter_targets
+    return _preset(model).target_modules
 
 
 def trainable_heads(model: nn.Module) -> list[str]:
     """Modules of ``model`` that are new for its task and train in full next to the adapters."""
-    model = _unwrap(model)
-    entry = family_of(model.config.model_type)
-    for model_class, heads in entry.trainable_heads.items():
-        if isinstance(model, model_class):
-            return list(heads)
-    return []
+    return list(_preset(model).modules_to_save)
 
 
 def lora_config(

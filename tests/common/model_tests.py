@@ -3,11 +3,14 @@
 A family subclasses :class:`CommonModelTests` once per model class (its name starting with ``Test``) and
 supplies a tiny config and inputs. The tests: save/load round trip, Auto class resolution, loading by repo
 id from a Hub-layout cache offline, eager vs sdpa, activation checkpointing gradients, batch vs single
-sample, a bfloat16 forward, and 2D as well as 3D inputs where the family takes both.
+sample, a bfloat16 forward, 2D as well as 3D inputs where the family takes both, the medfm model contract
+the pipelines and the loop rely on, and that every parameter takes part in the forward (DDP with
+``find_unused_parameters=False`` fails otherwise).
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +19,7 @@ import torch
 from transformers import AutoConfig
 
 import medfm  # noqa: F401  (registers the models)
+from medfm.models.modeling_utils import MedfmModelMixin
 
 from .hub_cache import add_to_hub_cache
 
@@ -169,3 +173,36 @@ class CommonModelTests:
         model = self.build()
         outputs = _float_tensors(self.run(model, self.make_inputs(two_d=True)))
         assert outputs and all(torch.isfinite(t).all() for t in outputs)
+
+    def test_model_contract(self) -> None:
+        model = self.build()
+        assert isinstance(model, MedfmModelMixin)
+        assert model.accepts_spacing == ("spacing" in inspect.signature(model.forward).parameters)
+        assert model.pooling in ("cls", "mean") and model.num_prefix_tokens == (model.pooling == "cls")
+        assert set(model.input_spatial_dims) <= {2, 3} and (
+            self.supports_2d == (2 in model.input_spatial_dims)
+        )
+        inputs = self.make_inputs()
+        spacing = inputs.get("spacing")
+        multiple = model.required_input_multiple(spacing)
+        assert len(multiple) == 3 and all(int(m) >= 1 for m in multiple)
+        shape = inputs["pixel_values"].shape[2:]
+        assert all(n % m == 0 for n, m in zip(shape, multiple)), (shape, multiple)
+        assert all(n >= low for n, low in zip(shape, model.minimum_input_shape(spacing)))
+        assert model.num_input_channels == inputs["pixel_values"].shape[1]
+        outputs = self.run(model, inputs)
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is not None:  # a backbone: pooler_output follows the stated pooling
+            from medfm.layers.heads import pool_tokens
+
+            if model.pooling == "cls":
+                torch.testing.assert_close(pooled, pool_tokens(outputs.last_hidden_state, "cls", 1))
+
+    def test_every_parameter_is_used(self) -> None:
+        """Each parameter gets a gradient from the model's own outputs (loss included when it has one)."""
+        model = self.build().train()
+        outputs = model(**self.make_inputs())
+        loss = sum(t.float().pow(2).mean() for t in _float_tensors(outputs))
+        loss.backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, f"{self.model_class.__name__} holds parameters its forward never uses: {unused}"

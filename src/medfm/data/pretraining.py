@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import MedfmError
 from ..io import load_volume
-from ..models.spad.spad_conv import TWO_D_ANISO_D, aniso_d_from_spacing
+from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 from ..processing import MedicalImageProcessor
 from .sources import VolumeInfo
 

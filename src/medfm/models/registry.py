@@ -1,105 +1,87 @@
-"""The table of model families: which config goes with which model class for each Auto class.
+"""The registry of model families: it lists the family modules and nothing else about them.
 
-A family plugs in by adding one :class:`FamilyEntry` to :data:`FAMILIES`; ``import medfm`` registers
-everything listed here with transformers.
+Each module in :data:`FAMILY_MODULES` exports a ``FAMILY`` record (:class:`~medfm.models.family.ModelFamily`);
+``import medfm`` registers every record's configs, models and processor with transformers' Auto classes. A
+family added at run time (:func:`register_family`) takes part in everything the listed ones do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import importlib
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForMaskedImageModeling,
-    AutoModelForSemanticSegmentation,
-)
+from .family import ModelFamily
 
-from ..processing import MedicalImageProcessor
-from .spad import (
-    SpadViTConfig,
-    SpadViTForImageClassification,
-    SpadViTForMaskedImageModeling,
-    SpadViTForSemanticSegmentation,
-    SpadViTModel,
-    SpadVTConfig,
-    SpadVTModel,
-)
-from .spad.convert_spad import register_spad_weight_adaptation
+#: The family packages, each exporting ``FAMILY``.
+FAMILY_MODULES: tuple[str, ...] = ("medfm.models.spad",)
 
-__all__ = ["FAMILIES", "FamilyEntry", "family_of", "register_all"]
+__all__ = ["FAMILY_MODULES", "families", "family_named", "family_of", "register_all", "register_family"]
+
+_extra: list[ModelFamily] = []
 
 
-@dataclass(frozen=True)
-class FamilyEntry:
-    """One configuration, the model classes transformers' Auto classes build from it, and its PEFT preset.
-
-    Attributes:
-        config: The configuration class (its ``model_type`` is the key).
-        models: Auto class -> model class.
-        processor: The image processor class.
-        on_register: Callables run once at registration (e.g. weight-conversion hooks).
-        adapter_targets: Regex of the Linear layers LoRA/DoRA adapt (attention and MLP projections).
-        trainable_heads: Model class -> names of new modules trained in full next to the adapters.
-    """
-
-    config: type
-    models: dict[type, type]
-    processor: type | None = MedicalImageProcessor
-    on_register: tuple[Callable[[], None], ...] = field(default_factory=tuple)
-    adapter_targets: str | None = None
-    trainable_heads: dict[type, tuple[str, ...]] = field(default_factory=dict)
+def families() -> tuple[ModelFamily, ...]:
+    """Every family: those in :data:`FAMILY_MODULES`, then those registered at run time."""
+    listed = [importlib.import_module(name).FAMILY for name in FAMILY_MODULES]
+    return tuple(listed + [f for f in _extra if all(f.name != g.name for g in listed)])
 
 
-FAMILIES: tuple[FamilyEntry, ...] = (
-    FamilyEntry(
-        SpadViTConfig,
-        {
-            AutoModel: SpadViTModel,
-            AutoModelForMaskedImageModeling: SpadViTForMaskedImageModeling,
-            AutoModelForImageClassification: SpadViTForImageClassification,
-            AutoModelForSemanticSegmentation: SpadViTForSemanticSegmentation,
-        },
-        on_register=(register_spad_weight_adaptation,),
-        adapter_targets=r".*blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.(w1|w2|w3))",
-        trainable_heads={
-            SpadViTForImageClassification: ("classifier",),
-            SpadViTForSemanticSegmentation: ("pyramid", "decoder"),
-            SpadViTForMaskedImageModeling: ("mim_head",),
-        },
-    ),
-    FamilyEntry(SpadVTConfig, {AutoModel: SpadVTModel}),
-)
-
-
-def family_of(model_type: str) -> FamilyEntry:
-    """The entry whose config has ``model_type``.
+def family_named(name: str) -> ModelFamily:
+    """The family called ``name``.
 
     Raises:
-        KeyError: No family has it (the message lists those that exist).
+        KeyError: No such family (the message lists those that exist).
     """
-    for entry in FAMILIES:
-        if entry.config.model_type == model_type:
-            return entry
-    raise KeyError(
-        f"no medfm family has model_type {model_type!r}; known: {[e.config.model_type for e in FAMILIES]}"
-    )
+    for family in families():
+        if family.name == name:
+            return family
+    raise KeyError(f"no medfm model family {name!r}; known: {[f.name for f in families()]}")
+
+
+def family_of(model: object) -> ModelFamily:
+    """The family a model (or model class, or config) belongs to, found by class, never by ``model_type``.
+
+    A PEFT or DDP wrapper is looked through.
+
+    Raises:
+        KeyError: No family lists the class.
+    """
+    for _ in range(4):
+        unwrap = getattr(model, "get_base_model", None)
+        if not callable(unwrap):
+            break
+        model = unwrap()
+    cls = model if isinstance(model, type) else type(model)
+    for family in families():
+        if any(issubclass(cls, known) for known in (*family.model_classes, *family.configs)):
+            return family
+    raise KeyError(f"{cls.__name__} belongs to no medfm model family; known: {[f.name for f in families()]}")
+
+
+def _register(family: ModelFamily) -> None:
+    from transformers import AutoConfig, AutoImageProcessor
+
+    from ..processing import MedicalImageProcessor
+
+    for config, models in family.configs.items():
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        for auto_class, model_class in models.items():
+            auto_class.register(config, model_class, exist_ok=True)
+        AutoImageProcessor.register(
+            config,
+            image_processor_classes={"pil": MedicalImageProcessor, "torchvision": MedicalImageProcessor},
+            exist_ok=True,
+        )
+    for hook in family.load_hooks:
+        hook()
+
+
+def register_family(family: ModelFamily) -> None:
+    """Add a family at run time (a plug-in, or a test) and register it with transformers."""
+    _extra[:] = [f for f in _extra if f.name != family.name] + [family]
+    _register(family)
 
 
 def register_all() -> None:
-    """Register every family's config, models and processor with transformers (idempotent)."""
-    for entry in FAMILIES:
-        AutoConfig.register(entry.config.model_type, entry.config, exist_ok=True)
-        for auto_class, model_class in entry.models.items():
-            auto_class.register(entry.config, model_class, exist_ok=True)
-        if entry.processor is not None:
-            AutoImageProcessor.register(
-                entry.config,
-                image_processor_classes={"pil": entry.processor, "torchvision": entry.processor},
-                exist_ok=True,
-            )
-        for hook in entry.on_register:
-            hook()
+    """Register every family's configs, models and processor with transformers (idempotent)."""
+    for family in families():
+        _register(family)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 from transformers import Pipeline
 
 from ..io import as_volume
+from ..models.modeling_utils import MedfmModelMixin, model_contract
 
 __all__ = ["MedicalPipeline"]
 
@@ -36,8 +36,15 @@ class MedicalPipeline(Pipeline):
             "volume": volume,
         }
 
+    @property
+    def contract(self) -> MedfmModelMixin:
+        """The model's medfm contract (input dims, spacing, prefix tokens, input multiple)."""
+        return model_contract(self.model)
+
     def model_kwargs(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        """``spacing`` for models whose forward takes it."""
-        if "spacing" in inspect.signature(self.model.forward).parameters:
-            return {"spacing": model_inputs["spacing"]}
-        return {}
+        """The forward's keyword arguments: the pixel values in the layout the model takes, and ``spacing``
+        for models whose forward takes it."""
+        contract = self.contract
+        return contract.model_inputs(
+            contract.as_model_input(model_inputs["pixel_values"]), model_inputs["spacing"]
+        )

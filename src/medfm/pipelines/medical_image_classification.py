@@ -38,11 +38,7 @@ class MedicalImageClassificationPipeline(MedicalPipeline):
         return preprocess, {}, postprocess
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "logits": self.model(
-                pixel_values=model_inputs["pixel_values"], **self.model_kwargs(model_inputs)
-            ).logits
-        }
+        return {"logits": self.model(**self.model_kwargs(model_inputs)).logits}
 
     def postprocess(self, model_outputs: dict[str, Any], top_k: int = 5) -> list[dict[str, Any]]:
         logits = model_outputs["logits"][0].float()
@@ -60,7 +56,7 @@ class MedicalFeatureExtractionPipeline(MedicalPipeline):
     r"""Embed a 2D image or a 3D volume with a medfm backbone.
 
     Call parameters:
-        return_tokens: Also return the token features (``last_hidden_state`` without the pooled token).
+        return_tokens: Also return the patch-token features (``last_hidden_state`` without prefix tokens).
         spacing: Spacing for array inputs.
 
     Returns:
@@ -78,7 +74,7 @@ class MedicalFeatureExtractionPipeline(MedicalPipeline):
         return preprocess, {}, postprocess
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        outputs = self.model(pixel_values=model_inputs["pixel_values"], **self.model_kwargs(model_inputs))
+        outputs = self.model(**self.model_kwargs(model_inputs))
         return {"pooled": outputs.pooler_output, "sequence": outputs.last_hidden_state}
 
     def postprocess(
@@ -86,5 +82,5 @@ class MedicalFeatureExtractionPipeline(MedicalPipeline):
     ) -> dict[str, torch.Tensor]:
         result = {"embedding": model_outputs["pooled"][0]}
         if return_tokens:
-            result["tokens"] = model_outputs["sequence"][0, 1:]  # without the cls token
+            result["tokens"] = model_outputs["sequence"][0, self.contract.num_prefix_tokens :]
         return result

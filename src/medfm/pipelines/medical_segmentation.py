@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from ..inference import sliding_window_logits
 from ..io import MedicalVolume, write_nifti
 from ..processing.image_processing_medical import ProcessedGrid
 from .base import MedicalPipeline
 
 __all__ = ["MedicalSegmentationPipeline"]
-
-_DEFAULT_ROI_EDGE = 128
 
 
 class MedicalSegmentationPipeline(MedicalPipeline):
@@ -85,20 +82,6 @@ class MedicalSegmentationPipeline(MedicalPipeline):
             postprocess["overlay_to"] = overlay_to
         return preprocess, forward, postprocess
 
-    def _required_multiple(self) -> tuple[int, int, int]:
-        pyramid = getattr(self.model, "pyramid", None)
-        if pyramid is not None and hasattr(pyramid, "level_strides"):
-            return tuple(pyramid.level_strides[-1])  # type: ignore[return-value]
-        patch = getattr(self.model.config, "patch_size", 1)
-        return tuple(patch) if isinstance(patch, list | tuple) else (int(patch),) * 3  # type: ignore[return-value]
-
-    def _default_roi(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        multiple = self._required_multiple()
-        roi = [max(m, math.ceil(min(n, _DEFAULT_ROI_EDGE) / m) * m) for n, m in zip(shape, multiple)]
-        if roi == list(multiple):  # the coarsest level would be one voxel; normalisation needs two
-            roi[-1] *= 2
-        return tuple(roi)  # type: ignore[return-value]
-
     def _forward(
         self,
         model_inputs: dict[str, Any],
@@ -108,32 +91,20 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         mode: str = "gaussian",
         bfloat16: bool = False,
     ) -> dict[str, Any]:
-        from monai.inferers import sliding_window_inference
-
         pixel_values = model_inputs["pixel_values"]
-        if pixel_values.ndim == 4:  # a 2D model's input: windows run on (1, H, W) slices
+        if pixel_values.ndim == 4:  # (B, C, H, W): one slice
             pixel_values = pixel_values.unsqueeze(2)
-        roi = roi_size or self._default_roi(pixel_values.shape[2:])
-        multiple = self._required_multiple()
-        if any(r % m for r, m in zip(roi, multiple)):
-            raise ValueError(f"roi_size {tuple(roi)} must be a multiple of {multiple} for this model")
-        extra = self.model_kwargs(model_inputs)
-
-        def predict(window: torch.Tensor) -> torch.Tensor:
-            return self.model(pixel_values=window, **extra).logits
-
-        device_type = pixel_values.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bfloat16):
-            logits = sliding_window_inference(
-                pixel_values,
-                roi_size=roi,
-                sw_batch_size=sw_batch_size,
-                predictor=predict,
-                overlap=overlap,
-                mode=mode,
-                progress=False,
-            )
-        return {"logits": logits.float(), "grid": model_inputs["grid"], "volume": model_inputs["volume"]}
+        logits = sliding_window_logits(
+            self.model,
+            pixel_values,
+            roi_size,
+            spacing=model_inputs["spacing"],
+            overlap=overlap,
+            sw_batch_size=sw_batch_size,
+            mode=mode,
+            bfloat16=bfloat16,
+        )
+        return {"logits": logits, "grid": model_inputs["grid"], "volume": model_inputs["volume"]}
 
     def postprocess(
         self,

@@ -1,20 +1,20 @@
-"""Training: the Accelerate loop every objective shares, schedules, and data sampling."""
+"""Training: the Accelerate loop every objective shares, schedules, objectives and evaluation.
 
-from .classification import (
-    ClassificationSample,
-    GroupedBatchSampler,
-    evaluate_classification,
-    load_classification_items,
-)
-from .loop import JsonlTracker, TrainingConfig, TrainingHistory, cosine_with_warmup, latest_checkpoint, train
-from .segmentation import (
+The fine-tuning data pieces live in :mod:`medfm.data`; they are re-exported here for the scripts that
+import them from ``medfm.training``.
+"""
+
+from ..data.classification import ClassificationSample, GroupedBatchSampler, load_classification_items
+from ..data.segmentation import (
     SegmentationSample,
     VolumeCropSampler,
-    evaluate_segmentation,
     load_segmentation_pairs,
     prepare_segmentation_sample,
-    sliding_window_logits,
 )
+from ..inference import sliding_window_logits
+from .classification import evaluate_classification
+from .loop import JsonlTracker, TrainingConfig, TrainingHistory, cosine_with_warmup, latest_checkpoint, train
+from .segmentation import evaluate_segmentation
 
 __all__ = [
     "ClassificationSample",

@@ -8,7 +8,13 @@ from torch import nn
 
 from .loop import TrainingConfig
 
-__all__ = ["adapter_kind", "add_training_arguments", "training_config", "wrap_with_adapters"]
+__all__ = [
+    "adapter_kind",
+    "add_training_arguments",
+    "load_for_task",
+    "training_config",
+    "wrap_with_adapters",
+]
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, lr: float, batch_size: int) -> None:
@@ -27,8 +33,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, lr: float, batch_
     parser.add_argument("--seed", type=int, default=0)
 
 
-def training_config(args: argparse.Namespace) -> TrainingConfig:
-    return TrainingConfig(
+def training_config(args: argparse.Namespace, **overrides) -> TrainingConfig:
+    """The loop's settings from the shared options (``overrides`` set the others, e.g. ``output_dir``)."""
+    settings = dict(
         steps=args.steps,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
@@ -37,6 +44,30 @@ def training_config(args: argparse.Namespace) -> TrainingConfig:
         mixed_precision=args.mixed_precision,
         seed=args.seed,
     )
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def load_for_task(auto_class: type, model: str, num_channels: int | None = None, **overrides) -> nn.Module:
+    """A model of ``model``'s family for a task, built through ``auto_class`` (e.g.
+    ``AutoModelForSemanticSegmentation``) from a folder or Hub id.
+
+    The family's ``task_defaults`` for that Auto class apply first (how upstream fine-tunes the task), then
+    ``num_channels`` (set on the config field the model class names), then ``overrides``. New head weights
+    are initialised; weights whose shape changes (a new label count) are re-initialised.
+    """
+    from transformers import AutoConfig
+
+    from ..models.registry import family_of
+
+    config = AutoConfig.from_pretrained(model)
+    family = family_of(type(config))
+    settings = dict(family.task_defaults.get(auto_class, {}))
+    if num_channels is not None:
+        model_class = auto_class._model_mapping[type(config)]
+        settings[model_class.channels_config_key] = int(num_channels)
+    settings.update(overrides)
+    return auto_class.from_pretrained(model, ignore_mismatched_sizes=True, **settings)
 
 
 def wrap_with_adapters(model: nn.Module, args: argparse.Namespace) -> nn.Module:

@@ -3,7 +3,9 @@
 ``train(model, batches, config)`` runs AdamW with linear warm-up and cosine decay, gradient accumulation,
 gradient clipping and mixed precision through an :class:`accelerate.Accelerator`, shows a progress bar with
 the loss, throughput (samples/s, tokens/s) and ETA, and calls ``on_eval`` every ``eval_every`` steps. The
-model's forward must return an output with a ``loss``.
+model's forward must return an output with a ``loss``. A
+:class:`~medfm.training.objectives.PretrainingObjective` also chooses its parameter groups, AdamW settings and
+gradient clipping, and gets a call after every optimizer step.
 
 With ``config.output_dir`` it also logs through Accelerate's trackers (tensorboard and a JSONL file), writes
 ``save_state`` checkpoints every ``save_every`` steps (atomically: written to a temporary folder, then
@@ -28,6 +30,8 @@ import torch
 from accelerate.tracking import GeneralTracker
 from torch import nn
 from tqdm.auto import tqdm
+
+from .objectives.base import PretrainingObjective, clip_gradients, default_parameter_groups, unwrap_objective
 
 __all__ = [
     "JsonlTracker",
@@ -160,14 +164,17 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        last = name.rsplit(".", 1)[-1]
-        plain = parameter.ndim <= 1 or last in ("bias", "cls_token", "mask_token", "pos_embed")
-        (no_decay if plain else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The objective's own groups, or :func:`default_parameter_groups` for a plain model."""
+    if isinstance(model, PretrainingObjective):
+        return model.parameter_groups(weight_decay)
+    return default_parameter_groups(model, weight_decay)
+
+
+def _optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    settings = model.optimizer_settings() if isinstance(model, PretrainingObjective) else {}
+    return torch.optim.AdamW(
+        _parameter_groups(model, config.weight_decay), lr=config.learning_rate, **settings
+    )
 
 
 def _make_accelerator(config: TrainingConfig):
@@ -233,7 +240,7 @@ def train(
         tokens_per_batch: Tokens in a batch, for the tokens/s figure.
     """
     accelerator = accelerator or _make_accelerator(config)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = _optimizer(model, config)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     # The scheduler is not prepared: Accelerate's wrapper steps it once per process, which with N processes
     # would run the schedule N times too fast. It steps once per optimizer step here, and is checkpointed.
@@ -285,7 +292,7 @@ def train(
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    clip_gradients(model, accelerator, config.grad_clip)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -294,6 +301,9 @@ def train(
             samples += int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 1
             tokens += tokens_per_batch(batch) if tokens_per_batch is not None else 0
         progress.step += 1
+        objective = unwrap_objective(model)
+        if isinstance(objective, PretrainingObjective):
+            objective.after_optimizer_step(progress.step)
         # The step's loss: the mean over its micro-batches and over the processes.
         mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), reduction="mean")
         history.losses.append(float(mean_loss))

@@ -14,10 +14,9 @@ from pathlib import Path
 __all__ = ["pretraining_parser", "run_pretraining"]
 
 
-def pretraining_parser(
-    description: str, *, objective: str, crop_size: int, depth_tokens: int, lr: float
-) -> argparse.ArgumentParser:
-    """The options of a pre-training run, with the objective's defaults."""
+def pretraining_parser(description: str, *, objective: str) -> argparse.ArgumentParser:
+    """The options of a pre-training run; crop, depth and learning-rate defaults come from the chosen
+    objective's :class:`~medfm.training.objectives.DataRecipe`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=objective, help="objective name (see medfm.training.objectives)")
     parser.add_argument("--data", required=True, help="folder of NIfTI/DICOM or a dataset.json")
@@ -31,12 +30,12 @@ def pretraining_parser(
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--accumulation-steps", type=int, default=1)
-    parser.add_argument("--crop-size", type=int, default=crop_size, help="in-plane crop")
+    parser.add_argument("--crop-size", type=int, help="in-plane crop (default: the objective's)")
     parser.add_argument(
-        "--depth-tokens", type=int, default=depth_tokens, help="tokens along depth in a 3D crop"
+        "--depth-tokens", type=int, help="tokens along depth in a 3D crop (default: the objective's)"
     )
     parser.add_argument("--slice-probability", type=float, default=0.0, help="fraction of 2D-slice batches")
-    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the objective's)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--grad-clip", type=float, default=0.5)
@@ -81,25 +80,24 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     )
     from ..processing import MedicalImageProcessor
     from .loop import TrainingConfig, train
-    from .objectives import build_objective
+    from .objectives import OBJECTIVES, build_objective
 
     # The process-wide state is made here, before the Accelerator: pass the CPU flag the launcher set, or a
     # CPU multi-process run would not form its process group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if args.model not in OBJECTIVES:
+        raise ValueError(f"unknown pre-training objective {args.model!r}; known: {sorted(OBJECTIVES)}")
+    recipe = OBJECTIVES[args.model].data_recipe()
     # Data first: an empty or unreadable source fails before any model is built.
     infos = probe_volumes(discover_volumes(args.data))
-    data_processor = MedicalImageProcessor(
-        steps=[
-            {"name": "percentile_clip", "lower": 0.5, "upper": 99.5, "above_min": True, "rescale": True},
-            {"name": "repeat_channels", "num_channels": 3},
-        ]
-    )
-    dataset = PretrainingDataset(infos, data_processor)
+    data_processor = MedicalImageProcessor(steps=[dict(step) for step in recipe.steps])
+    dataset = PretrainingDataset(infos, data_processor, patch=recipe.token_stride)
     sampler = AnisotropyBatchSampler(
         infos,
         args.batch_size,
-        crop_size=args.crop_size,
-        depth_tokens=args.depth_tokens,
+        crop_size=args.crop_size or recipe.crop_size,
+        depth_tokens=args.depth_tokens or recipe.depth_tokens,
+        patch=recipe.token_stride,
         slice_probability=args.slice_probability,
         seed=args.seed,
         rank=state.process_index,
@@ -137,7 +135,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
 
     config = TrainingConfig(
         steps=args.steps,
-        learning_rate=args.lr,
+        learning_rate=args.lr if args.lr is not None else recipe.learning_rate,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,

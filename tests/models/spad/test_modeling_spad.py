@@ -4,7 +4,6 @@ load-time adaptation equivalences, and the conversion command line."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from medfm.models.spad import (
     SpadVTModel,
     aniso_d_from_spacing,
 )
-from medfm.models.spad.convert_spad import convert_tokenizer_state_dict, convert_vit_state_dict
 
 from ...common.model_tests import CommonModelTests
 
@@ -197,45 +195,7 @@ def test_invalid_configs() -> None:
         SpadViTConfig(num_hidden_layers=4, out_indices=[0, 1, 2, 9])
 
 
-# --- base sizes build with the upstream key names and shapes --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def spec_keys(upstream_fixtures) -> dict:
-    # The specs sit beside the fixtures (shared/specs); the locator skips, or fails under
-    # MEDFM_REQUIRE_FIXTURES=1, when they are missing.
-    path = upstream_fixtures("spad").parents[1] / "specs" / "spad_upstream_keys.json"
-    if not path.is_file():
-        message = f"{path} not found"
-        if os.environ.get("MEDFM_REQUIRE_FIXTURES") == "1":
-            pytest.fail(message + " and MEDFM_REQUIRE_FIXTURES=1")
-        pytest.skip(message)
-    return json.loads(path.read_text())
-
-
-def test_base_vit_has_upstream_keys_and_shapes(spec_keys) -> None:
-    with torch.device("meta"):
-        model = SpadViTForMaskedImageModeling(SpadViTConfig())
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    expected = {
-        k: list(v) for k, v in convert_vit_state_dict({k: torch.empty(0) for k in spec_keys["keys"]}).items()
-    }
-    expected_shapes = {key: spec_keys["keys"][key.removeprefix("spad_vit.")] for key in expected}
-    assert ours == expected_shapes
-    backbone = sum(
-        v.numel() for k, v in model.state_dict().items() if not k.startswith(("mim_head", "spad_vit.mask"))
-    )
-    assert backbone == pytest.approx(94.93e6, rel=1e-3)
-
-
-def test_base_tokenizer_has_upstream_keys_and_shapes(spec_keys) -> None:
-    with torch.device("meta"):
-        model = SpadVTModel(SpadVTConfig())
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    upstream = spec_keys["tokenizer"]["keys"]
-    renamed = convert_tokenizer_state_dict({k: torch.empty(0) for k in upstream})
-    assert ours == {new: upstream[old] for new, old in zip(renamed, upstream)}
-    assert sum(v.numel() for v in model.state_dict().values()) == spec_keys["tokenizer"]["num_params"]
+# The base sizes' upstream key names and shapes: tests/models/test_upstream_keys.py.
 
 
 # --- the maths of the adaptation, as equivalences ------------------------------------------------------
@@ -579,5 +539,5 @@ def test_segmentation_refuses_adaptive_configs_and_odd_sizes() -> None:
     with pytest.raises(ValueError, match="needs a fixed patch"):
         SpadViTForSemanticSegmentation(SpadViTConfig(**OTHER_VIT))
     model = SpadViTForSemanticSegmentation(TestSpadViTForSemanticSegmentationCommon().make_config()).eval()
-    with pytest.raises(ValueError, match="must be a multiple of"):
+    with pytest.raises(ValueError, match="not a multiple of the coarsest pyramid stride"):
         model(_volume(1, channels=1, shape=(8, 48, 80)))

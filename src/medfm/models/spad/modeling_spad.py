@@ -11,23 +11,24 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
-from ...layers import (
-    Rope3D,
-    SwiGLU,
-    TokenRotation,
-    eager_attention_forward,
-    random_visible_indices,
-    resample_position_grid,
-    visible_indices_from_mask,
-)
+from ...layers.attention import AttentionCore
+from ...layers.decoders.feature_pyramid import SimpleFeaturePyramid
+from ...layers.decoders.unet import PyramidUNetDecoder
+from ...layers.losses import deep_supervision_loss, soft_target_cross_entropy
+from ...layers.masking import random_visible_indices, visible_indices_from_mask
+from ...layers.mlp import SwiGLU
+from ...layers.patch_embed import check_divisible
+from ...layers.position import resample_position_grid
+from ...layers.rope import Rope3D, TokenRotation
+from ..modeling_utils import MedfmPreTrainedModel
 from .configuration_spad import SpadViTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
 
@@ -56,6 +57,8 @@ class SpadViTMaskedImageModelingOutput(ModelOutput):
         bool_masked_pos: ``(B, L)`` mask that was used (True = masked).
         target_logits: ``(B, L, codebook_size)`` tokenizer logits the targets came from, if computed.
         hidden_states: As in :class:`SpadViTModel`, when asked.
+        attentions: Per block, the attention weights ``(B, heads, L', L')`` (``L'`` the tokens that block saw),
+            when asked (eager attention).
     """
 
     loss: torch.Tensor | None = None
@@ -63,6 +66,7 @@ class SpadViTMaskedImageModelingOutput(ModelOutput):
     bool_masked_pos: torch.Tensor | None = None
     target_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -74,12 +78,14 @@ class SpadViTSegmentationOutput(ModelOutput):
         logits: ``(B, num_labels, D, H, W)`` at input resolution (``(B, K, H, W)`` for 4D inputs).
         auxiliary_logits: Coarser decoder outputs (finest first), in training with deep supervision.
         hidden_states: Backbone hidden states, when asked.
+        attentions: Backbone attention weights per block, when asked (eager attention).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     auxiliary_logits: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # --- backbone ------------------------------------------------------------------------------------------
@@ -105,27 +111,17 @@ class SpadViTPatchEmbed(nn.Module):
         return tuple(size)  # type: ignore[return-value]
 
     def forward(self, pixel_values: torch.Tensor, aniso_d: int) -> torch.Tensor:
-        patch = self.patch_shape(aniso_d)
-        if any(n % p for n, p in zip(pixel_values.shape[2:], patch)):
-            raise ValueError(
-                f"input size {tuple(pixel_values.shape[2:])} is not a multiple of the patch {patch} "
-                f"(aniso_d {aniso_d}); pad the input (e.g. a pad_to_multiple processor step)"
-            )
+        check_divisible(pixel_values.shape[2:], self.patch_shape(aniso_d), f"the patch at aniso_d {aniso_d}")
         if self.adaptive:
             return self.proj.spad_forward(pixel_values, aniso_d, 0)[0]
         return self.proj(pixel_values)
 
 
-class SpadViTAttention(nn.Module):
+class SpadViTAttention(AttentionCore):
     """Multi-head self-attention with q/v biases (no k bias) and 3D RoPE on the patch tokens."""
 
     def __init__(self, config: SpadViTConfig):
-        super().__init__()
-        self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
+        super().__init__(config, config.num_attention_heads, config.head_dim)
         width = config.hidden_size
         self.q_proj = nn.Linear(width, width, bias=False)
         self.k_proj = nn.Linear(width, width, bias=False)
@@ -138,9 +134,9 @@ class SpadViTAttention(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, rotation: TokenRotation, **attention_kwargs
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``rotation`` covers every token (cls tokens stay unrotated); ``attention_kwargs`` carry a packed
-        batch's ``attention_mask`` or ``cu_seqlens``."""
+        batch's ``attention_mask`` or ``cu_seqlens``. Returns the output and the attention weights."""
         batch, length, _ = hidden_states.shape
         query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.q_bias is not None:
@@ -150,21 +146,10 @@ class SpadViTAttention(nn.Module):
         # Token-major (B, L, heads, head_dim), as the fused RoPE kernel reads it; then (B, heads, L, head_dim).
         query, key = rotation.rotate_pair(query.view(heads), key.view(heads))
         query, key, value = (t.transpose(1, 2) for t in (query, key, value.view(heads)))
-        # Through transformers' interface, so attn_implementation ("eager", "sdpa", "medfm_varlen"...) applies.
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        output, weights = self.attend(
+            query, key, value, attention_kwargs.pop("attention_mask", None), **attention_kwargs
         )
-        output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_kwargs.pop("attention_mask", None),
-            scaling=self.scaling,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            **attention_kwargs,
-        )
-        return self.proj(output.reshape(batch, length, -1))
+        return self.proj(output.reshape(batch, length, -1)), weights
 
 
 class SpadViTLayer(GradientCheckpointingLayer):
@@ -180,12 +165,14 @@ class SpadViTLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, rotation: TokenRotation, **attention_kwargs
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), rotation, **attention_kwargs)
+        attended, _ = self.attn(self.norm1(hidden_states), rotation, **attention_kwargs)
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
-class SpadViTPreTrainedModel(PreTrainedModel):
-    """Weight initialisation, checkpointing and attention support shared by the SPAD-ViT classes."""
+class SpadViTPreTrainedModel(MedfmPreTrainedModel):
+    """Weight initialisation, checkpointing, attention support and the medfm model contract shared by the
+    SPAD-ViT classes: volumes and 2D images, spacing-aware, cls pooling."""
 
     config_class = SpadViTConfig
     config: SpadViTConfig
@@ -196,8 +183,22 @@ class SpadViTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SpadViTLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_record_outputs = {"attentions": SpadViTAttention}
+    _input_embed_layer = "patch_embed"
     # A pre-trained (MIM) checkpoint carries these; every other head skips them, as upstream does.
     _keys_to_ignore_on_load_unexpected = [r"mask_token$", r"mim_head\."]
+
+    input_spatial_dims = (2, 3)
+    accepts_spacing = True
+    pooling = "cls"
+
+    def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
+        """The effective patch at the input's anisotropy level (without spacing: the full ``P`` in depth)."""
+        patch_embed = self.base_model.patch_embed
+        level = 0
+        if spacing is not None and patch_embed.adaptive:
+            level = aniso_d_from_spacing(spacing, max_stride=self.config.patch_size[0])
+        return patch_embed.patch_shape(level)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -243,9 +244,12 @@ class SpadViTModel(SpadViTPreTrainedModel):
     Args:
         config: The model configuration.
         use_mask_token: Add the MIM ``mask_token`` (masked pre-training).
+        use_final_norm: Apply the final LayerNorm. Heads that tap the blocks' un-normalised outputs (the
+            segmentation adapter) build the backbone without it, so it holds no parameter its forward never
+            uses (which DDP would reject).
     """
 
-    def __init__(self, config: SpadViTConfig, use_mask_token: bool = False):
+    def __init__(self, config: SpadViTConfig, use_mask_token: bool = False, use_final_norm: bool = True):
         super().__init__(config)
         config.validate_architecture()
         width = config.hidden_size
@@ -255,7 +259,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
         self.patch_embed = SpadViTPatchEmbed(config)
         self.rope = Rope3D(config.head_dim, config.rope_base, config.rope_rescale_shape)
         self.blocks = nn.ModuleList([SpadViTLayer(config) for _ in range(config.num_hidden_layers)])
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if use_final_norm else nn.Identity()
         self.post_init()
 
     def resolve_aniso_d(
@@ -282,6 +286,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
         tokens = tokens + resample_position_grid(self.pos_embed, grid).to(tokens.dtype)
         return tokens.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
 
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -290,9 +295,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         visible_indices: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values: ``(B, C, D, H, W)`` or ``(B, C, H, W)``.
@@ -300,12 +304,15 @@ class SpadViTModel(SpadViTPreTrainedModel):
             aniso_d: Explicit anisotropy level, overriding ``spacing``.
             bool_masked_pos: ``(B, L)`` True where a patch is replaced by ``mask_token`` (MIM).
             visible_indices: ``(B, V)`` visible patch indices; the complement of ``bool_masked_pos``.
-            output_hidden_states: Return the embeddings and every block's output.
+            output_hidden_states: Return the embeddings and every block's output. (Recorded here rather than
+                by hooks: with ``mask_layer_ids`` a block may see only the visible tokens, and its hidden state
+                is the full sequence with the visible rows updated.)
+            output_attentions: Return every block's attention weights (eager attention), as ``attentions``.
+            return_dict: Return a tuple when ``False``.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values, _ = self._as_volume(pixel_values)
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
         level = self.resolve_aniso_d(pixel_values, spacing, aniso_d)
@@ -336,12 +343,11 @@ class SpadViTModel(SpadViTPreTrainedModel):
                 all_hidden.append(hidden)
 
         sequence = self.norm(hidden)
-        output = BaseModelOutputWithPooling(
+        return BaseModelOutputWithPooling(
             last_hidden_state=sequence,
             pooler_output=sequence[:, 0],
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
-        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _mask(
@@ -481,11 +487,6 @@ class SpadViTPackedOutput(ModelOutput):
 # --- masked image modeling -----------------------------------------------------------------------------
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum softmax(target) * log_softmax(logits)`` (upstream's MIM loss)."""
-    return -(target_logits.float().softmax(-1) * logits.float().log_softmax(-1)).sum(-1).mean()
-
-
 class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
     r"""SPAD-ViT with the MIM head: predict the SPAD-VT tokenizer's soft token distributions at masked patches.
 
@@ -546,6 +547,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
                 1, 3
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -556,9 +558,8 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         tokenizer_pixel_values: torch.Tensor | None = None,
         target_logits: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SpadViTMaskedImageModelingOutput | tuple:
+    ) -> SpadViTMaskedImageModelingOutput:
         r"""
         Args:
             pixel_values: ViT input (ImageNet-normalised in pre-training), ``(B, 3, D, H, W)``.
@@ -567,8 +568,8 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
                 ``config.mask_ratio`` (uniform per sample, as upstream).
             tokenizer_pixel_values: Tokenizer input (``2x - 1``) for the attached tokenizer.
             target_logits: Precomputed tokenizer logits ``(B, L, K)``; used instead of the tokenizer.
+            output_hidden_states, output_attentions: As in :class:`SpadViTModel`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         volume, _ = self._as_volume(pixel_values)
         level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
         grid = self.spad_vit.token_grid(volume.shape, level)
@@ -583,7 +584,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
             bool_masked_pos=bool_masked_pos,
             visible_indices=visible_indices,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **kwargs,
         )
         masked = self.spad_vit._mask(bool_masked_pos, visible_indices, volume.shape[0], length, volume.device)
         logits = self.mim_head(outputs.last_hidden_state[:, 1:][masked])
@@ -597,14 +598,14 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
                     f"target_logits {tuple(target_logits.shape)} do not match {length} tokens per sample"
                 )
             loss = soft_target_cross_entropy(logits, target_logits[masked])
-        output = SpadViTMaskedImageModelingOutput(
+        return SpadViTMaskedImageModelingOutput(
             loss=loss,
             logits=logits,
             bool_masked_pos=masked,
             target_logits=target_logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # --- classification ------------------------------------------------------------------------------------
@@ -619,6 +620,7 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -626,46 +628,31 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
         aniso_d: int | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             labels: ``(B,)`` class indices (cross-entropy), ``(B, num_labels)`` floats for
-                ``problem_type="multi_label_classification"`` (BCE), or values for regression (MSE).
+                ``problem_type="multi_label_classification"`` (BCE), or values for regression (MSE); the loss is
+                transformers' ``ForImageClassification`` loss.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.spad_vit(
             pixel_values,
             spacing=spacing,
             aniso_d=aniso_d,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
-
-
-def _classification_loss(config: SpadViTConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    if problem == "regression":
-        return (
-            F.mse_loss(logits.squeeze(-1), labels.float().view(-1))
-            if config.num_labels == 1
-            else F.mse_loss(logits, labels.float())
+        loss = None
+        if labels is not None:
+            if labels.is_floating_point() or self.config.num_labels > 1:
+                loss = self.loss_function(labels, logits, self.config)
+            else:  # integer regression targets
+                loss = self.loss_function(labels.float(), logits, self.config)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits, labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
 # --- segmentation --------------------------------------------------------------------------------------
@@ -682,135 +669,17 @@ def _depth_factor(patch_depth: int, level: int) -> int:
     return 1 if a >= level else 2
 
 
-class SpadViTFeaturePyramid(nn.Module):
-    """Upstream's ``SimpleViTAdapter`` taps: InstanceNorm per tap, then a simple feature pyramid.
-
-    Level 0 is upsampled x4 in-plane (two transposed convs), level 1 x2, level 2 kept, level 3 max-pooled;
-    depth factors follow the patch depth (spec §e).
-    """
-
-    def __init__(self, config: SpadViTConfig):
-        super().__init__()
-        width, depth = config.hidden_size, config.patch_size[0]
-        f3, f4, f5 = (_depth_factor(depth, level) for level in (3, 4, 5))
-        self.norms = nn.ModuleList([nn.InstanceNorm3d(width, affine=True) for _ in range(4)])
-        self.fpn = nn.ModuleList(
-            [
-                nn.Sequential(
-                    nn.ConvTranspose3d(width, width, (f4, 2, 2), stride=(f4, 2, 2)),
-                    nn.InstanceNorm3d(width, affine=True),
-                    nn.GELU(),
-                    nn.ConvTranspose3d(width, width, (f3, 2, 2), stride=(f3, 2, 2)),
-                ),
-                nn.ConvTranspose3d(width, width, (f4, 2, 2), stride=(f4, 2, 2)),
-                nn.Identity(),
-                nn.MaxPool3d((f5, 2, 2), stride=(f5, 2, 2)),
-            ]
-        )
-        # Strides of the four levels relative to the input, and between consecutive levels.
-        patch = config.patch_size
-        self.level_strides = [
-            (patch[0] // (f4 * f3), patch[1] // 4, patch[2] // 4),
-            (patch[0] // f4, patch[1] // 2, patch[2] // 2),
-            tuple(patch),
-            (patch[0] * f5, patch[1] * 2, patch[2] * 2),
-        ]
-
-    def forward(self, taps: list[torch.Tensor], grid: tuple[int, int, int]) -> list[torch.Tensor]:
-        features = []
-        for tap, norm, fpn in zip(taps, self.norms, self.fpn):
-            volume = tap[:, 1:].transpose(1, 2).unflatten(2, grid)  # drop cls, (B, E, D', H', W')
-            features.append(fpn(norm(volume)))
-        if features[-1].shape[2:].numel() < 2:
-            raise ValueError(
-                f"a token grid of {tuple(grid)} leaves the coarsest feature a single voxel, which instance norm "
-                "cannot normalise; use a larger input (at least 2 x the level-3 stride on one axis)"
-            )
-        return features
-
-
-def _conv_norm_act(
-    in_channels: int, out_channels: int, kernel: tuple[int, int, int], stride=1
-) -> nn.Sequential:
-    padding = tuple(k // 2 for k in kernel)
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False),
-        nn.InstanceNorm3d(out_channels),
-        nn.LeakyReLU(0.01),
+def spad_feature_pyramid(config: SpadViTConfig) -> SimpleFeaturePyramid:
+    """Upstream's ``SimpleViTAdapter`` taps: level 0 upsampled x4 in-plane, level 1 x2, level 2 kept, level 3
+    max-pooled, with depth factors that follow the patch depth (spec §e)."""
+    f3, f4, f5 = (_depth_factor(config.patch_size[0], level) for level in (3, 4, 5))
+    return SimpleFeaturePyramid(
+        config.hidden_size,
+        config.patch_size,
+        fine_factors=((f4, 2, 2), (f3, 2, 2)),
+        up_factor=(f4, 2, 2),
+        down_factor=(f5, 2, 2),
     )
-
-
-class _UpStep(nn.Module):
-    """Transposed-conv upsampling, concatenation with a skip, then two conv-norm-act layers."""
-
-    def __init__(
-        self, in_channels: int, skip_channels: int, out_channels: int, factor: tuple[int, ...], kernel
-    ):
-        super().__init__()
-        self.up = nn.ConvTranspose3d(in_channels, out_channels, factor, stride=factor)
-        self.convs = nn.Sequential(
-            _conv_norm_act(out_channels + skip_channels, out_channels, kernel),
-            _conv_norm_act(out_channels, out_channels, kernel),
-        )
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.convs(torch.cat([self.up(x), skip], dim=1))
-
-
-def _ratio(fine: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[int, int, int]:
-    return tuple(c // f for f, c in zip(fine, coarse))  # type: ignore[return-value]
-
-
-class SpadViTUNetDecoder(nn.Module):
-    """UNet-style decoder on the four pyramid levels plus a full-resolution branch on the raw input (spec §e).
-
-    Heads (1x1x1 convs) sit on the full-resolution, half-resolution, level-0 and level-1 maps; head 0 is the
-    prediction, the others deep supervision.
-    """
-
-    def __init__(self, config: SpadViTConfig, level_strides: list[tuple[int, ...]]):
-        super().__init__()
-        lateral = config.decoder_lateral_channels
-        full, half = config.decoder_full_res_channels
-        self.laterals = nn.ModuleList([_conv_norm_act(config.hidden_size, c, (1, 1, 1)) for c in lateral])
-        self.up_steps = nn.ModuleList(
-            [
-                _UpStep(
-                    lateral[i + 1],
-                    lateral[i],
-                    lateral[i],
-                    _ratio(level_strides[i], level_strides[i + 1]),
-                    (3, 3, 3),
-                )
-                for i in (2, 1, 0)
-            ]
-        )
-        depth0 = level_strides[0][0]
-        half_depth = max(depth0 // 2, 1)
-        self.full_res = _conv_norm_act(config.in_channels, full, (1, 3, 3))
-        # In-plane only, as upstream, unless depth is downsampled too: then 3 deep, so no slice is skipped.
-        half_kernel = (1, 3, 3) if half_depth == 1 else (3, 3, 3)
-        self.half_res = _conv_norm_act(full, half, half_kernel, stride=(half_depth, 2, 2))
-        factor_to_half = (depth0 // half_depth, level_strides[0][1] // 2, level_strides[0][2] // 2)
-        self.up_to_half = _UpStep(lateral[0], half, half, factor_to_half, (1, 3, 3))
-        self.up_to_full = _UpStep(half, full, full, (half_depth, 2, 2), (1, 3, 3))
-        self.heads = nn.ModuleList(
-            [nn.Conv3d(c, config.num_labels, 1) for c in (full, half, lateral[0], lateral[1])]
-        )
-
-    def forward(self, pixel_values: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        laterals = [lateral(f) for lateral, f in zip(self.laterals, features)]
-        x = laterals[3]
-        level_maps = {}
-        for step, skip_index in zip(self.up_steps, (2, 1, 0)):
-            x = step(x, laterals[skip_index])
-            level_maps[skip_index] = x
-        full = self.full_res(pixel_values)
-        half = self.half_res(full)
-        half_map = self.up_to_half(level_maps[0], half)
-        full_map = self.up_to_full(half_map, full)
-        maps = [full_map, half_map, level_maps[0], level_maps[1]]
-        return [head(m) for head, m in zip(self.heads, maps)]
 
 
 class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
@@ -829,22 +698,43 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
                 "pre-trained weights are adapted"
             )
         super().__init__(config)
-        self.spad_vit = SpadViTModel(config)
-        self.pyramid = SpadViTFeaturePyramid(config)
-        self.decoder = SpadViTUNetDecoder(config, self.pyramid.level_strides)
+        # The adapter taps the blocks' un-normalised outputs: the final norm would be a parameter without use.
+        self.spad_vit = SpadViTModel(config, use_final_norm=False)
+        self.pyramid = spad_feature_pyramid(config)
+        self.decoder = PyramidUNetDecoder(
+            config.in_channels,
+            config.hidden_size,
+            config.decoder_lateral_channels,
+            config.decoder_full_res_channels,
+            config.num_labels,
+            self.pyramid.level_strides,
+        )
         self.post_init()
 
+    input_spatial_dims = (3,)
+    # A checkpoint of the backbone alone also holds its final norm, which the adapter does not use.
+    _keys_to_ignore_on_load_unexpected = [r"mask_token$", r"mim_head\.", r"(^|\.)norm\.(weight|bias)$"]
+
+    def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
+        """The stride of the coarsest pyramid level."""
+        return tuple(self.pyramid.level_strides[3])
+
     def extract_features(
-        self, pixel_values: torch.Tensor, spacing: torch.Tensor | None = None, aniso_d: int | None = None
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """The four pyramid features and the backbone's hidden states."""
+        self,
+        pixel_values: torch.Tensor,
+        spacing: torch.Tensor | None = None,
+        aniso_d: int | None = None,
+        **kwargs,
+    ) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
+        """The four pyramid features and the backbone's output (all hidden states, and attentions if asked)."""
         volume, _ = self._as_volume(pixel_values)
         level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
-        outputs = self.spad_vit(volume, aniso_d=level, output_hidden_states=True, return_dict=True)
+        outputs = self.spad_vit(volume, aniso_d=level, output_hidden_states=True, **kwargs)
         taps = [outputs.hidden_states[i + 1] for i in self.config.out_indices]
         grid = self.spad_vit.token_grid(volume.shape, level)
-        return self.pyramid(taps, grid), outputs.hidden_states
+        return self.pyramid(taps, grid), outputs
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -852,50 +742,30 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         aniso_d: int | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SpadViTSegmentationOutput | tuple:
+    ) -> SpadViTSegmentationOutput:
         r"""
         Args:
             labels: ``(B, D, H, W)`` (or ``(B, H, W)``) class indices for the deep-supervised Dice + CE loss.
+            output_hidden_states, output_attentions: Also return the backbone's (``config`` defaults apply).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         volume, is_2d = self._as_volume(pixel_values)
-        coarsest = self.pyramid.level_strides[3]
-        if any(n % s for n, s in zip(volume.shape[2:], coarsest)):
-            raise ValueError(
-                f"input size {tuple(volume.shape[2:])} must be a multiple of {tuple(coarsest)}, the stride of "
-                "the coarsest pyramid level (pad or crop the input to such a size)"
-            )
-        features, hidden_states = self.extract_features(volume, spacing, aniso_d)
+        check_divisible(volume.shape[2:], self.pyramid.level_strides[3], "the coarsest pyramid stride")
+        features, backbone = self.extract_features(volume, spacing, aniso_d, **kwargs)
         outputs = self.decoder(volume.to(features[0].dtype), features)
         logits = outputs[0]
         loss = None
         if labels is not None:
             heads = outputs if self.config.deep_supervision else outputs[:1]
-            loss = _deep_supervision_loss(heads, labels.unsqueeze(1) if is_2d else labels)
+            loss = deep_supervision_loss(heads, labels.unsqueeze(1) if is_2d else labels)
         auxiliary = tuple(outputs[1:]) if self.training and self.config.deep_supervision else None
-        output = SpadViTSegmentationOutput(
+        return SpadViTSegmentationOutput(
             loss=loss,
             logits=logits[:, :, 0] if is_2d else logits,
             auxiliary_logits=auxiliary,
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=backbone.hidden_states if output_hidden_states else None,
+            attentions=backbone.attentions,
         )
-        return output if return_dict else output.to_tuple()
-
-
-def _deep_supervision_loss(outputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Dice + CE (softmax, one-hot, background included) on every head, logits upsampled trilinearly to the
-    label size, weights proportional to 0.5^i and normalised."""
-    from monai.losses import DiceCELoss
-
-    criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
-    weights = torch.tensor([0.5**i for i in range(len(outputs))])
-    weights = weights / weights.sum()
-    target = labels.long().unsqueeze(1)
-    total = outputs[0].new_zeros(())
-    for weight, logits in zip(weights.tolist(), outputs):
-        if logits.shape[2:] != target.shape[2:]:
-            logits = F.interpolate(logits, size=target.shape[2:], mode="trilinear", align_corners=False)
-        total = total + weight * criterion(logits.float(), target)
-    return total

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ...layers.norm import ChannelsFirstLayerNorm
+from ..modeling_utils import MedfmPreTrainedModel
 from .configuration_spad import SpadVTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, SpadConvTranspose3d, aniso_d_from_spacing
 
@@ -52,13 +53,6 @@ class SpadVTOutput(SpadVTEncoderOutput):
     reconstruction: torch.Tensor | None = None
     quant_loss: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
-
-
-class ChannelsFirstLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a ``(B, C, ...)`` tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class SpadVTUpBlock(nn.Module):
@@ -103,7 +97,10 @@ class SpadVTQuantizer(nn.Module):
         return SpadVTEncoderOutput(z=z, logits=logits, z_q=z_q, probabilities=probabilities)
 
 
-class SpadVTPreTrainedModel(PreTrainedModel):
+class SpadVTPreTrainedModel(MedfmPreTrainedModel):
+    """Initialisation and the medfm contract of the SPAD-VT tokenizer (volumes and 2D images, spacing-aware;
+    it has no pooled output, being a tokenizer rather than a backbone)."""
+
     config_class = SpadVTConfig
     config: SpadVTConfig
     base_model_prefix = "spad_vt"
@@ -111,6 +108,15 @@ class SpadVTPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
     _no_split_modules = ["SpadVTUpBlock"]
+    input_spatial_dims = (2, 3)
+    accepts_spacing = True
+    pooling = "mean"
+
+    def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
+        """The tokenizer's total stride, in depth at the input's anisotropy level."""
+        stride = self.config.total_stride
+        level = aniso_d_from_spacing(spacing, max_stride=stride) if spacing is not None else 0
+        return (max(stride >> level, 1), stride, stride)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -9,11 +9,11 @@ tensor subclass, which breaks activation checkpointing).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 
 __all__ = [
     "TWO_D_ANISO_D",
@@ -22,36 +22,6 @@ __all__ = [
     "aniso_d_from_spacing",
     "merge_depth_taps",
 ]
-
-#: ``aniso_d`` of a 2D image (z-spacing 1e8): every downsampling of a 16-stride network is in-plane.
-TWO_D_ANISO_D = 5
-
-
-def aniso_d_from_spacing(spacing: torch.Tensor | list | tuple, max_stride: int = 16) -> int:
-    """The SPAD anisotropy level of a batch: ``floor(log2(floor(clip(sz / min(sy, sx), 1, 2 * max_stride))))``.
-
-    Args:
-        spacing: ``(3,)`` or ``(B, 3)`` voxel spacing ``(z, y, x)`` in mm.
-        max_stride: The network's total stride ``P`` (16 for SPAD-ViT and SPAD-VT).
-
-    Raises:
-        ValueError: Wrong shape, non-positive spacing, or samples with different levels (a batch must
-            share one; group samples by level, as upstream's sampler does).
-    """
-    if isinstance(spacing, torch.Tensor):
-        values = spacing.detach().to("cpu", torch.float64).reshape(-1, 3)
-    else:
-        values = torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, 3)
-    if values.numel() == 0 or bool((values <= 0).any()) or not bool(torch.isfinite(values).all()):
-        raise ValueError(f"spacing must be finite and positive (z, y, x) mm; got {values.tolist()}")
-    ratio = (values[:, 0] / values[:, 1:].min(dim=1).values).clamp(1.0, 2.0 * max_stride)
-    levels = {math.floor(r).bit_length() - 1 for r in ratio.tolist()}
-    if len(levels) > 1:
-        raise ValueError(
-            f"samples of one batch have different anisotropy levels {sorted(levels)} (spacing {values.tolist()}); "
-            "batch volumes of the same spacing class together"
-        )
-    return levels.pop()
 
 
 def merge_depth_taps(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Labelled classification data: files from class folders or a JSON list, and batches that share a shape
+and an anisotropy level."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import VolumeNotFoundError
+from ..layers.anisotropy import aniso_d_from_spacing
+
+__all__ = ["ClassificationSample", "GroupedBatchSampler", "load_classification_items"]
+
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm")
+
+
+@dataclass
+class ClassificationSample:
+    """One processed image ``(C, D, H, W)``, its grid spacing ``(3,)`` and its class index."""
+
+    pixel_values: torch.Tensor
+    spacing: torch.Tensor
+    label: int
+
+
+def load_classification_items(source: str | os.PathLike) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(file, class name) items and the sorted class names.
+
+    ``source`` is a folder with one sub-folder per class (NIfTI or DICOM files inside), or a JSON file with a
+    ``training`` list of ``{"image": path, "label": name}`` (paths relative to the file).
+
+    Raises:
+        VolumeNotFoundError: Nothing usable at ``source``, or a listed file is missing.
+    """
+    source = Path(source)
+    if source.is_file():
+        entries = json.loads(source.read_text()).get("training", [])
+        items = [((source.parent / e["image"]).resolve(), str(e["label"])) for e in entries]
+    elif source.is_dir():
+        items = [
+            (path, folder.name)
+            for folder in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for path in sorted(folder.iterdir())
+            if path.name.lower().endswith(_IMAGE_SUFFIXES) or path.is_dir()
+        ]
+    else:
+        raise VolumeNotFoundError("expected a folder of class folders or a JSON list", source)
+    if not items:
+        raise VolumeNotFoundError("holds no labelled image", source)
+    for path, _ in items:
+        if not path.exists():
+            raise VolumeNotFoundError("listed image is missing", path)
+    return items, sorted({name for _, name in items})
+
+
+class GroupedBatchSampler:
+    """An endless iterator of batches whose samples share a shape and a SPAD anisotropy level (a model batch
+    must), drawn uniformly over the groups' samples."""
+
+    def __init__(self, samples: Sequence[ClassificationSample], batch_size: int = 4, seed: int = 0):
+        if not samples:
+            raise ValueError("no samples to draw batches from")
+        groups: dict[tuple, list[ClassificationSample]] = defaultdict(list)
+        for sample in samples:
+            groups[(tuple(sample.pixel_values.shape), aniso_d_from_spacing(sample.spacing))].append(sample)
+        self.groups = list(groups.values())
+        self.weights = torch.tensor([len(g) for g in self.groups], dtype=torch.float)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        group = self.groups[int(torch.multinomial(self.weights, 1, generator=self.generator))]
+        picks = torch.randint(len(group), (self.batch_size,), generator=self.generator).tolist()
+        chosen = [group[i] for i in picks]
+        return {
+            "pixel_values": torch.stack([s.pixel_values for s in chosen]),
+            "spacing": chosen[0].spacing,
+            "labels": torch.tensor([s.label for s in chosen]),
+        }

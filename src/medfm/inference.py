@@ -1,0 +1,124 @@
+"""Sliding-window inference over a processed volume, for any medfm segmentation model.
+
+One implementation serves ``pipeline("medical-segmentation")`` and the fine-tuning validation, so what is
+validated is what users run. It relies only on the model contract
+(:class:`~medfm.models.modeling_utils.MedfmModelMixin`): the input multiple and minimum shape, whether the
+forward takes ``spacing``, and whether the model takes volumes or 2D slices (a 2D-only model runs on
+``(1, H, W)`` windows, i.e. slice by slice).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .models.modeling_utils import model_contract
+
+__all__ = ["DEFAULT_ROI_EDGE", "check_roi_size", "default_roi_size", "sliding_window_logits"]
+
+#: Default cap of the window edge, per axis, on the processed grid.
+DEFAULT_ROI_EDGE = 128
+
+
+def default_roi_size(
+    model: nn.Module,
+    shape: Sequence[int],
+    spacing: torch.Tensor | Sequence[float] | None = None,
+    max_edge: int = DEFAULT_ROI_EDGE,
+) -> tuple[int, int, int]:
+    """A window for a processed volume of spatial ``shape`` ``(D, H, W)``: the volume, capped at ``max_edge`` per
+    axis, rounded up to the model's required multiple and at least its minimum input shape.
+
+    A 2D-only model's window is one slice deep.
+    """
+    contract = model_contract(model)
+    multiple = contract.required_input_multiple(spacing)
+    minimum = contract.minimum_input_shape(spacing)
+    roi = [max(low, math.ceil(min(n, max_edge) / m) * m) for n, m, low in zip(shape, multiple, minimum)]
+    if roi == list(multiple):
+        # One multiple on every axis leaves a single voxel at the coarsest level of a feature pyramid, which
+        # instance normalisation cannot normalise: widen the window along the last axis.
+        roi[-1] *= 2
+    if contract.input_spatial_dims == (2,):
+        roi[0] = 1
+    return tuple(roi)  # type: ignore[return-value]
+
+
+def check_roi_size(model: nn.Module, roi_size: Sequence[int], spacing=None) -> tuple[int, int, int]:
+    """``roi_size`` as a tuple, if the model can run on windows of that size.
+
+    Raises:
+        ValueError: A size is not a multiple of what the model needs, or below its minimum.
+    """
+    contract = model_contract(model)
+    roi = tuple(int(n) for n in roi_size)
+    multiple = contract.required_input_multiple(spacing)
+    minimum = contract.minimum_input_shape(spacing)
+    if contract.input_spatial_dims == (2,):
+        multiple, minimum = (1, *multiple[1:]), (1, *minimum[1:])
+    if len(roi) != 3 or any(r % m for r, m in zip(roi, multiple)):
+        raise ValueError(
+            f"roi_size {roi} must be three sizes, each a multiple of {tuple(multiple)} for this model"
+        )
+    if any(r < low for r, low in zip(roi, minimum)):
+        raise ValueError(f"roi_size {roi} is below this model's minimum input {tuple(minimum)}")
+    return roi  # type: ignore[return-value]
+
+
+def sliding_window_logits(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    roi_size: Sequence[int] | None = None,
+    *,
+    spacing: torch.Tensor | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+    bfloat16: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits ``(B, K, D, H, W)`` of processed volumes ``(B, C, D, H, W)`` (or one ``(C, D, H, W)``) by MONAI's
+    blended sliding windows.
+
+    Args:
+        model: A medfm segmentation model (a PEFT wrapper is fine).
+        pixel_values: What the model's processor made.
+        roi_size: Window ``(D, H, W)``; :func:`default_roi_size` when omitted.
+        spacing: The processed grid's spacing, for models whose forward takes it.
+        overlap: Fraction of overlap between windows.
+        sw_batch_size: Windows per forward pass.
+        mode: ``"gaussian"`` or ``"constant"`` blending.
+        bfloat16: Run the model under bfloat16 autocast.
+        progress: Show a progress bar over windows.
+    """
+    from monai.inferers import sliding_window_inference
+
+    contract = model_contract(model)
+    if pixel_values.ndim == 4:
+        pixel_values = pixel_values[None]
+    roi = check_roi_size(model, roi_size, spacing) if roi_size is not None else None
+    roi = roi or default_roi_size(model, pixel_values.shape[2:], spacing)
+    device = next(model.parameters()).device
+    pixel_values = pixel_values.to(device)
+    extra = contract.model_inputs(pixel_values, spacing)
+    extra.pop("pixel_values")
+    two_d = contract.input_spatial_dims == (2,)
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        logits = model(pixel_values=window[:, :, 0] if two_d else window, **extra).logits
+        return logits[:, :, None] if two_d else logits
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        logits = sliding_window_inference(
+            pixel_values,
+            roi_size=roi,
+            sw_batch_size=sw_batch_size,
+            predictor=predict,
+            overlap=overlap,
+            mode=mode,
+            progress=progress,
+        )
+    return logits.float()
