@@ -1,6 +1,9 @@
 # Two commands that work on a fresh machine:
 #   make test   set up .venv and run the test suite
 #   make demo   set up .venv and run the end-to-end demo on data shipped with the dependencies
+#   make conformance   only transformers' own common model tests against every medfm model class
+#               (tests/conformance; `make test` runs them too). The first run downloads the installed
+#               transformers release's sdist from PyPI into ~/.cache/medfm (see tests/conformance/).
 # GPU users: `make test TORCH=torch` (or any torch requirement) installs the CUDA build instead of the
 # pinned CPU wheel used on our CI machines. `make test EXTRAS=dev,demo,triton` adds Triton, whose kernel
 # tests then run (under the Triton interpreter on CPU).
@@ -13,7 +16,7 @@ EXTRAS ?= dev,demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfm-installed
 
-.PHONY: test demo setup lint clean
+.PHONY: test conformance demo setup lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,9 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+conformance: $(STAMP)
+	$(BIN)/python -m pytest tests/conformance $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/medfm demo --out demo_outputs

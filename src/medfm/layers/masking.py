@@ -17,9 +17,11 @@ __all__ = [
     "block_noise",
     "gather_tokens",
     "mask_from_noise",
+    "mask_from_visible_indices",
     "random_masking",
     "random_visible_indices",
     "repeat_group_noise",
+    "replace_tokens",
     "scatter_tokens",
     "visible_indices_from_mask",
 ]
@@ -211,3 +213,37 @@ def block_mask(
     """
     unit_mask = mask_from_noise(noise, mask_ratio)[0]
     return block_noise(unit_mask, grid_size, block_size)
+
+
+def mask_from_visible_indices(
+    bool_masked_pos: torch.Tensor | None,
+    visible_indices: torch.Tensor | None,
+    batch: int,
+    length: int,
+    device: torch.device | str,
+) -> torch.Tensor | None:
+    """The ``(B, L)`` mask (True = masked) given as a mask, as sorted visible indices, or both (which must agree);
+    ``None`` when neither is given.
+
+    Raises:
+        ValueError: A mask of the wrong shape, or a mask and indices that disagree.
+    """
+    if visible_indices is not None:
+        masked = torch.ones(batch, length, dtype=torch.bool, device=device)
+        masked.scatter_(1, visible_indices.to(device), False)
+        if bool_masked_pos is not None and not torch.equal(masked, bool_masked_pos.bool().to(device)):
+            raise ValueError("bool_masked_pos and visible_indices disagree; pass one of them")
+        return masked
+    if bool_masked_pos is None:
+        return None
+    if tuple(bool_masked_pos.shape) != (batch, length):
+        raise ValueError(
+            f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}; expected ({batch}, {length})"
+        )
+    return bool_masked_pos.bool().to(device)
+
+
+def replace_tokens(tokens: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``tokens`` ``(B, L, E)`` with rows ``ids`` ``(B, V)`` replaced by ``values`` ``(B, V, E)`` (out of place):
+    the inverse of :func:`gather_tokens` for layers that run on the visible tokens only."""
+    return tokens.scatter(1, ids[..., None].expand(-1, -1, tokens.shape[-1]), values)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.utils import ModelOutput
 
 from ..kernels import flash_attention_varlen, triton_available
 
@@ -32,7 +34,9 @@ __all__ = [
     "VARLEN_BACKENDS",
     "VARLEN_BACKEND_ENV",
     "VARLEN_IMPLEMENTATION",
+    "PackedSequenceOutput",
     "block_diagonal_mask",
+    "pack_sequences",
     "register_varlen_attention",
     "varlen_attention_forward",
     "varlen_backend",
@@ -145,3 +149,50 @@ def varlen_attention_forward(
 def register_varlen_attention() -> None:
     """Make ``attn_implementation="medfm_varlen"`` available to every model (idempotent)."""
     AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
+
+
+@dataclass
+class PackedSequenceOutput(ModelOutput):
+    """Output of a model run on a packed token stream (several sequences, no padding).
+
+    Attributes:
+        last_hidden_state: ``(total_tokens, E)``: each sequence's tokens in turn.
+        pooler_output: ``(num_sequences, E)``: each sequence's pooled token.
+        cu_seqlens: ``(num_sequences + 1,)`` offsets of the sequences in ``last_hidden_state``.
+        grids: Token grid of each sequence.
+        hidden_states: Per block (and the embeddings), ``(total_tokens, E)``, when asked.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    grids: tuple[tuple[int, ...], ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def unpack(self, tensor: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Split a packed ``(total_tokens, ...)`` tensor (default: ``last_hidden_state``) into sequences."""
+        tensor = self.last_hidden_state if tensor is None else tensor
+        bounds = self.cu_seqlens.tolist()
+        return [tensor[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def pack_sequences(
+    sequences: list[torch.Tensor], attn_implementation: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """Concatenate ``(L_i, E)`` sequences into one ``(1, T, E)`` stream.
+
+    Returns the stream, ``cu_seqlens`` and the attention keyword arguments that keep attention within each
+    sequence: ``cu_seqlens`` and ``max_seqlen`` (from the host, so no kernel reads offsets back from the GPU)
+    for :data:`VARLEN_IMPLEMENTATION`, else a block-diagonal ``attention_mask`` for ``eager``/``sdpa`` (a
+    reference path whose memory grows with the square of the total length).
+    """
+    if not sequences:
+        raise ValueError("nothing to pack: at least one sequence is needed")
+    hidden = torch.cat(sequences)[None]
+    lengths = torch.tensor([len(s) for s in sequences], device=hidden.device)
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    if attn_implementation == VARLEN_IMPLEMENTATION:
+        kwargs: dict[str, object] = {"cu_seqlens": cu_seqlens, "max_seqlen": max(len(s) for s in sequences)}
+    else:
+        kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
+    return hidden, cu_seqlens, kwargs

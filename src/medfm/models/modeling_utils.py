@@ -16,7 +16,23 @@ import torch
 from torch import nn
 from transformers.modeling_utils import PreTrainedModel
 
-__all__ = ["MedfmModelMixin", "MedfmPreTrainedModel", "model_contract"]
+__all__ = ["MedfmModelMixin", "MedfmPreTrainedModel", "as_volume", "model_contract"]
+
+
+def as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(B, C, D, H, W)`` for a volume batch or, for a ``(B, C, H, W)`` image batch, its one-slice volume; and
+    whether the input was 2D (so outputs can drop the slice axis again).
+
+    Raises:
+        ValueError: Neither 4 nor 5 dimensions.
+    """
+    if pixel_values.ndim == 4:
+        return pixel_values.unsqueeze(2), True
+    if pixel_values.ndim != 5:
+        raise ValueError(
+            f"pixel_values must be (B, C, D, H, W) or (B, C, H, W); got {tuple(pixel_values.shape)}"
+        )
+    return pixel_values, False
 
 
 class MedfmModelMixin:

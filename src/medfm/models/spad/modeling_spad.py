@@ -7,7 +7,6 @@ Networks*, arXiv 2312.07630. Module and parameter names follow the upstream code
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -23,12 +23,19 @@ from ...layers.attention import AttentionCore
 from ...layers.decoders.feature_pyramid import SimpleFeaturePyramid
 from ...layers.decoders.unet import PyramidUNetDecoder
 from ...layers.losses import deep_supervision_loss, soft_target_cross_entropy
-from ...layers.masking import random_visible_indices, visible_indices_from_mask
+from ...layers.masking import (
+    gather_tokens,
+    mask_from_visible_indices,
+    random_visible_indices,
+    replace_tokens,
+    visible_indices_from_mask,
+)
 from ...layers.mlp import SwiGLU
 from ...layers.patch_embed import check_divisible
 from ...layers.position import resample_position_grid
 from ...layers.rope import Rope3D, TokenRotation
-from ..modeling_utils import MedfmPreTrainedModel
+from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences
+from ..modeling_utils import MedfmPreTrainedModel, as_volume
 from .configuration_spad import SpadViTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
 
@@ -54,7 +61,8 @@ class SpadViTMaskedImageModelingOutput(ModelOutput):
     Attributes:
         loss: Soft-target cross-entropy over masked tokens, when targets were available.
         logits: ``(N_masked, codebook_size)`` predictions for the masked tokens, batch-major, token order.
-        bool_masked_pos: ``(B, L)`` mask that was used (True = masked).
+        mask: ``(B, L)`` float mask that was used, 1 where a patch was masked (ViTMAE's convention; a float, so
+            outputs can be compared and reduced like every other tensor). ``bool_masked_pos`` gives it as bool.
         target_logits: ``(B, L, codebook_size)`` tokenizer logits the targets came from, if computed.
         hidden_states: As in :class:`SpadViTModel`, when asked.
         attentions: Per block, the attention weights ``(B, heads, L', L')`` (``L'`` the tokens that block saw),
@@ -63,10 +71,15 @@ class SpadViTMaskedImageModelingOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    bool_masked_pos: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     target_logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def bool_masked_pos(self) -> torch.Tensor | None:
+        """The mask as ``(B, L)`` bool, True = masked."""
+        return self.mask.bool() if self.mask is not None else None
 
 
 @dataclass
@@ -220,16 +233,6 @@ class SpadViTPreTrainedModel(MedfmPreTrainedModel):
             if module.mask_token is not None:
                 init.trunc_normal_(module.mask_token, std=std)
 
-    @staticmethod
-    def _as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        if pixel_values.ndim == 4:  # (B, C, H, W): a 2D image is one slice
-            return pixel_values.unsqueeze(2), True
-        if pixel_values.ndim != 5:
-            raise ValueError(
-                f"pixel_values must be (B, C, D, H, W) or (B, C, H, W); got {tuple(pixel_values.shape)}"
-            )
-        return pixel_values, False
-
 
 class SpadViTModel(SpadViTPreTrainedModel):
     r"""The SPAD-ViT backbone.
@@ -295,7 +298,7 @@ class SpadViTModel(SpadViTPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         visible_indices: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
         Args:
@@ -313,13 +316,13 @@ class SpadViTModel(SpadViTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        pixel_values, _ = self._as_volume(pixel_values)
+        pixel_values, _ = as_volume(pixel_values)
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
         level = self.resolve_aniso_d(pixel_values, spacing, aniso_d)
         tokens, grid = self.embed(pixel_values, level)
         batch, length, _ = tokens.shape
 
-        masked = self._mask(bool_masked_pos, visible_indices, batch, length, tokens.device)
+        masked = mask_from_visible_indices(bool_masked_pos, visible_indices, batch, length, tokens.device)
         if masked is not None:
             if self.mask_token is None:
                 raise ValueError("this model has no mask_token; build it with use_mask_token=True for MIM")
@@ -350,42 +353,13 @@ class SpadViTModel(SpadViTPreTrainedModel):
         )
 
     @staticmethod
-    def _mask(
-        bool_masked_pos: torch.Tensor | None,
-        visible_indices: torch.Tensor | None,
-        batch: int,
-        length: int,
-        device: torch.device,
-    ) -> torch.Tensor | None:
-        if visible_indices is not None:
-            masked = torch.ones(batch, length, dtype=torch.bool, device=device)
-            masked.scatter_(1, visible_indices.to(device), False)
-            if bool_masked_pos is not None and not torch.equal(masked, bool_masked_pos.bool().to(device)):
-                raise ValueError("bool_masked_pos and visible_indices disagree; pass one of them")
-            return masked
-        if bool_masked_pos is None:
-            return None
-        if tuple(bool_masked_pos.shape) != (batch, length):
-            raise ValueError(
-                f"bool_masked_pos has shape {tuple(bool_masked_pos.shape)}; expected ({batch}, {length})"
-            )
-        return bool_masked_pos.bool().to(device)
-
-    @staticmethod
     def _visible_only(
-        block: SpadViTLayer,
-        hidden: torch.Tensor,
-        visible: torch.Tensor,
-        visible_rotation: TokenRotation,
+        block: SpadViTLayer, hidden: torch.Tensor, visible: torch.Tensor, visible_rotation: TokenRotation
     ) -> torch.Tensor:
-        width = hidden.shape[-1]
-        token_index = (visible + 1)[..., None].expand(-1, -1, width)  # +1: skip cls
-        subset = torch.cat([hidden[:, :1], hidden.gather(1, token_index)], dim=1)
+        """Run ``block`` on the cls and visible tokens only; the masked rows pass through unchanged."""
+        subset = torch.cat([hidden[:, :1], gather_tokens(hidden, visible + 1)], dim=1)  # +1: skip cls
         out = block(subset, visible_rotation)
-        return torch.cat(
-            [out[:, :1], hidden[:, 1:].scatter(1, visible[..., None].expand(-1, -1, width), out[:, 1:])],
-            dim=1,
-        )
+        return torch.cat([out[:, :1], replace_tokens(hidden[:, 1:], visible, out[:, 1:])], dim=1)
 
     def forward_packed(
         self,
@@ -411,8 +385,6 @@ class SpadViTModel(SpadViTPreTrainedModel):
             aniso_ds: Explicit anisotropy levels, overriding ``spacings``.
             output_hidden_states: Also return the embeddings and every block's output.
         """
-        from ...layers.varlen_attention import VARLEN_IMPLEMENTATION, block_diagonal_mask
-
         if not volumes:
             raise ValueError("forward_packed needs at least one volume")
         dtype = self.patch_embed.proj.weight.dtype
@@ -430,15 +402,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
             tokens, grid = self.embed(volume, level)
             sequences.append(torch.cat([self.cls_token[0].to(tokens.dtype), tokens[0]]))
             grids.append(grid)
-        lengths = torch.tensor([len(s) for s in sequences], device=sequences[0].device)
-        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-        hidden = torch.cat(sequences)[None]
+        hidden, cu_seqlens, attention_kwargs = pack_sequences(sequences, self.config._attn_implementation)
         rotation = self.rope.rotation(grids, device=hidden.device)  # each volume its own positions
-        if self.config._attn_implementation == VARLEN_IMPLEMENTATION:
-            # The longest length from the host: the kernels need no read-back of cu_seqlens from the GPU.
-            attention_kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": max(len(seq) for seq in sequences)}
-        else:
-            attention_kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
         all_hidden = [hidden[0]] if output_hidden_states else None
         for block in self.blocks:
             hidden = block(hidden, rotation, **attention_kwargs)
@@ -459,29 +424,9 @@ class SpadViTModel(SpadViTPreTrainedModel):
         return tuple(n // p for n, p in zip(input_shape[-3:], patch))  # type: ignore[return-value]
 
 
-@dataclass
-class SpadViTPackedOutput(ModelOutput):
-    """Output of :meth:`SpadViTModel.forward_packed`.
-
-    Attributes:
-        last_hidden_state: ``(total_tokens, E)``: every sequence's cls token then its patch tokens, final norm.
-        pooler_output: ``(num_sequences, E)`` cls tokens.
-        cu_seqlens: ``(num_sequences + 1,)`` offsets of the sequences in ``last_hidden_state``.
-        grids: Token grid ``(D', H', W')`` of each sequence.
-        hidden_states: Per block (and the embeddings), ``(total_tokens, E)``, when asked.
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    pooler_output: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    grids: tuple[tuple[int, int, int], ...] | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-    def unpack(self, tensor: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Split a packed ``(total_tokens, ...)`` tensor (default: ``last_hidden_state``) into sequences."""
-        tensor = self.last_hidden_state if tensor is None else tensor
-        bounds = self.cu_seqlens.tolist()
-        return [tensor[start:end] for start, end in itertools.pairwise(bounds)]
+class SpadViTPackedOutput(PackedSequenceOutput):
+    """Output of :meth:`SpadViTModel.forward_packed`: every sequence's cls token then its patch tokens (final
+    norm applied); ``pooler_output`` holds the cls tokens, ``grids`` the token grids ``(D', H', W')``."""
 
 
 # --- masked image modeling -----------------------------------------------------------------------------
@@ -558,7 +503,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         tokenizer_pixel_values: torch.Tensor | None = None,
         target_logits: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SpadViTMaskedImageModelingOutput:
         r"""
         Args:
@@ -570,7 +515,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
             target_logits: Precomputed tokenizer logits ``(B, L, K)``; used instead of the tokenizer.
             output_hidden_states, output_attentions: As in :class:`SpadViTModel`.
         """
-        volume, _ = self._as_volume(pixel_values)
+        volume, _ = as_volume(pixel_values)
         level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
         grid = self.spad_vit.token_grid(volume.shape, level)
         length = grid[0] * grid[1] * grid[2]
@@ -586,7 +531,9 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        masked = self.spad_vit._mask(bool_masked_pos, visible_indices, volume.shape[0], length, volume.device)
+        masked = mask_from_visible_indices(
+            bool_masked_pos, visible_indices, volume.shape[0], length, volume.device
+        )
         logits = self.mim_head(outputs.last_hidden_state[:, 1:][masked])
 
         if target_logits is None and tokenizer_pixel_values is not None:
@@ -601,7 +548,7 @@ class SpadViTForMaskedImageModeling(SpadViTPreTrainedModel):
         return SpadViTMaskedImageModelingOutput(
             loss=loss,
             logits=logits,
-            bool_masked_pos=masked,
+            mask=masked.float(),
             target_logits=target_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -628,7 +575,7 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
         aniso_d: int | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
         Args:
@@ -727,7 +674,7 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         **kwargs,
     ) -> tuple[list[torch.Tensor], BaseModelOutputWithPooling]:
         """The four pyramid features and the backbone's output (all hidden states, and attentions if asked)."""
-        volume, _ = self._as_volume(pixel_values)
+        volume, _ = as_volume(pixel_values)
         level = self.spad_vit.resolve_aniso_d(volume, spacing, aniso_d)
         outputs = self.spad_vit(volume, aniso_d=level, output_hidden_states=True, **kwargs)
         taps = [outputs.hidden_states[i + 1] for i in self.config.out_indices]
@@ -742,7 +689,7 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         aniso_d: int | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SpadViTSegmentationOutput:
         r"""
         Args:
@@ -752,7 +699,7 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        volume, is_2d = self._as_volume(pixel_values)
+        volume, is_2d = as_volume(pixel_values)
         check_divisible(volume.shape[2:], self.pyramid.level_strides[3], "the coarsest pyramid stride")
         features, backbone = self.extract_features(volume, spacing, aniso_d, **kwargs)
         outputs = self.decoder(volume.to(features[0].dtype), features)

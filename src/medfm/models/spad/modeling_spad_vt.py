@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ...layers.norm import ChannelsFirstLayerNorm
-from ..modeling_utils import MedfmPreTrainedModel
+from ..modeling_utils import MedfmPreTrainedModel, as_volume
 from .configuration_spad import SpadVTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, SpadConvTranspose3d, aniso_d_from_spacing
 
@@ -203,7 +203,7 @@ class SpadVTModel(SpadVTPreTrainedModel):
         self, pixel_values: torch.Tensor, spacing: torch.Tensor | None = None, aniso_d: int | None = None
     ) -> SpadVTEncoderOutput:
         """Soft tokens of ``pixel_values`` (``(B, 3, D, H, W)`` or ``(B, 3, H, W)`` in ``[-1, 1]``)."""
-        volume = pixel_values.unsqueeze(2) if pixel_values.ndim == 4 else pixel_values
+        volume, _ = as_volume(pixel_values)
         level = self.resolve_aniso_d(volume, spacing, aniso_d)
         self._check_size(volume, level)
         z, _ = _run(self.encoder, volume.to(self.quantize.proj.weight.dtype), level, 0)
@@ -223,11 +223,11 @@ class SpadVTModel(SpadVTPreTrainedModel):
         **kwargs,
     ) -> SpadVTOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        volume = pixel_values.unsqueeze(2) if pixel_values.ndim == 4 else pixel_values
+        volume, is_2d = as_volume(pixel_values)
         level = self.resolve_aniso_d(volume, spacing, aniso_d)
         encoded = self.encode(volume, aniso_d=level)
         reconstruction = self.decode(encoded.z_q, level)
-        if pixel_values.ndim == 4:
+        if is_2d:
             reconstruction = reconstruction[:, :, 0]
         probabilities = encoded.probabilities.flatten(0, -2).float()
         mean_use = probabilities.mean(dim=0)
