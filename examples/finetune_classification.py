@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = training_config(args)
     history = train(
         model,
-        GroupedBatchSampler(train_samples, args.batch_size, seed=args.seed),
+        GroupedBatchSampler(train_samples, args.batch_size, seed=args.seed + accelerator.process_index),
         config,
         on_eval=validate,
         accelerator=accelerator,

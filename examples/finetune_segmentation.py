@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return scores
 
     sampler = VolumeCropSampler(
-        train_samples, crop=roi, batch_size=args.batch_size, flip_axes=(1, 2), seed=args.seed
+        train_samples,
+        crop=roi,
+        batch_size=args.batch_size,
+        flip_axes=(1, 2),
+        seed=args.seed + accelerator.process_index,  # each process draws its own crops
     )
     # The loop checkpoints atomically at every validation and keeps the last two.
     config = training_config(args, output_dir=str(output), save_every=args.eval_every, keep_last=2)

@@ -45,37 +45,20 @@ def pretrained(tmp_path_factory) -> Path:
     return folder
 
 
+def _common_arguments(data: Path, model: Path, output: Path) -> list[str]:
+    """A 2-label run on 8 x 32 x 64 crops, a third of the cases held out."""
+    return ["--model", str(model), "--data", str(data), "--output", str(output), "--num-labels", "2"] + [
+        "--crop", "8", "32", "64", "--val-fraction", "0.34",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("adapters", [[], ["--lora", "--lora-rank", "2"]], ids=["full", "lora"])
 def test_finetune_segmentation_example(adapters, decathlon: Path, pretrained: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
-    final = load_example("finetune_segmentation").main(
-        [
-            "--model",
-            str(pretrained),
-            "--data",
-            str(decathlon),
-            "--output",
-            str(output),
-            "--num-labels",
-            "2",
-            "--crop",
-            "8",
-            "32",
-            "64",
-            "--steps",
-            "6",
-            "--eval-every",
-            "3",
-            "--warmup-steps",
-            "2",
-            "--lr",
-            "1e-3",
-            "--val-fraction",
-            "0.34",
-            *adapters,
-        ]
-    )
+    arguments = [*_common_arguments(decathlon, pretrained, output), "--steps", "6", "--eval-every", "3"]
+    arguments += ["--warmup-steps", "2", "--lr", "1e-3", *adapters]
+    final = load_example("finetune_segmentation").main(arguments)
     assert 0.0 <= final["mean_dice"] <= 1.0
     assert json.loads((output / "metrics.json").read_text())["mean_dice"] == final["mean_dice"]
     assert len(list((output / "checkpoints").glob("step-*"))) == 2  # steps 3 and 6, pruned to the last two
@@ -86,3 +69,17 @@ def test_finetune_segmentation_example(adapters, decathlon: Path, pretrained: Pa
         segmenter = pipeline("medical-segmentation", model=str(output))
         result = segmenter(str(decathlon / "imagesTr" / "case0.nii.gz"), roi_size=(8, 32, 64))
         assert result["label_map"].shape == nib.load(decathlon / "imagesTr" / "case0.nii.gz").shape
+
+
+@pytest.mark.slow
+def test_two_process_fine_tuning(decathlon: Path, pretrained: Path, tmp_path: Path) -> None:
+    """DDP as Accelerate sets it up (find_unused_parameters=False) fails at the second step if the model holds
+    a parameter its forward never uses; two CPU processes run the example through two optimizer steps."""
+    from . import EXAMPLES, launch_on_two_cpu_processes
+
+    arguments = [*_common_arguments(decathlon, pretrained, tmp_path / "run"), "--steps", "3"]
+    arguments += ["--eval-every", "3", "--warmup-steps", "1"]
+    done = launch_on_two_cpu_processes(EXAMPLES / "finetune_segmentation.py", arguments)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000003"]

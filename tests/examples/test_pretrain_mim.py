@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,15 +48,6 @@ TINY = [
         }
     ),
 ]
-
-
-def _free_port() -> int:
-    """A port nothing listens on now (a fixed one may still be held by an earlier run)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +148,9 @@ def test_empty_data_fails_before_building_a_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_hold_identical_weights_and_rank_zero_writes(volumes: Path, tmp_path: Path) -> None:
-    launcher = Path(sys.executable).parent / "accelerate"
-    command = [
-        str(launcher),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(SCRIPT),
+    from . import launch_on_two_cpu_processes
+
+    arguments = [
         "--data",
         str(volumes),
         "--output",
@@ -182,14 +159,9 @@ def test_two_processes_hold_identical_weights_and_rank_zero_writes(volumes: Path
         "4",
         "--save-every",
         "2",
-        "--log-every",
-        "1",
-        "--weights-digest-dir",
-        str(tmp_path / "digests"),
-        *TINY,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    arguments += ["--log-every", "1", "--weights-digest-dir", str(tmp_path / "digests"), *TINY]
+    done = launch_on_two_cpu_processes(SCRIPT, arguments)
     assert done.returncode == 0, done.stderr[-3000:]
     digests = {p.name: p.read_text() for p in (tmp_path / "digests").iterdir()}
     assert set(digests) == {"rank0.sha256", "rank1.sha256"}

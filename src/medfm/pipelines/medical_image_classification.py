@@ -75,6 +75,11 @@ class MedicalFeatureExtractionPipeline(MedicalPipeline):
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         outputs = self.model(**self.model_kwargs(model_inputs))
+        if getattr(outputs, "pooler_output", None) is None:
+            raise ValueError(
+                f"{type(self.model).__name__} is not a backbone (its output has no pooler_output); "
+                "medical-feature-extraction needs a model folder whose AutoModel class is a backbone"
+            )
         return {"pooled": outputs.pooler_output, "sequence": outputs.last_hidden_state}
 
     def postprocess(
