@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import AutoModelForImageClassification
 
     from medfm.hub import CardInfo, write_model_card
+    from medfm.models.modeling_utils import model_contract
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
         ClassificationSample,
@@ -91,7 +92,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = training_config(args)
     history = train(
         model,
-        GroupedBatchSampler(train_samples, args.batch_size, seed=args.seed + accelerator.process_index),
+        GroupedBatchSampler(
+            train_samples,
+            args.batch_size,
+            seed=args.seed + accelerator.process_index,
+            include_spacing=model_contract(model).accepts_spacing,
+        ),
         config,
         on_eval=validate,
         accelerator=accelerator,

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from accelerate.utils import set_seed
     from transformers import AutoModelForSemanticSegmentation
 
+    from medfm.cli import parse_config_overrides
     from medfm.hub import CardInfo, write_model_card
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     samples = [prepare_segmentation_sample(processor, image, label) for image, label in pairs]
     train_samples, val_samples = samples[held_out:] or samples, samples[:held_out] or samples
 
-    overrides = {"num_labels": args.num_labels, **json.loads(args.config)}
+    overrides = {"num_labels": args.num_labels, **parse_config_overrides(args.config)}
     if args.patch_size:
         overrides["patch_size"] = list(args.patch_size)
     model = load_for_task(

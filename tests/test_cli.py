@@ -168,3 +168,37 @@ def test_classify_and_convert_commands(anatomical_path: Path, tmp_path: Path, ca
         == 2
     )
     assert torch.is_tensor(state["cls_token"])
+
+
+def test_convert_refuses_bad_config_overrides(tmp_path: Path, capsys) -> None:
+    """Unknown fields are not written into config.json, invalid values are one line, not a traceback; the
+    conversion script speaks under its own name."""
+    from safetensors.torch import save_file
+
+    from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
+
+    state = {
+        k.removeprefix("spad_vit."): v
+        for k, v in SpadViTForMaskedImageModeling(SpadViTConfig(**TINY_VIT)).state_dict().items()
+    }
+    checkpoint = tmp_path / "up.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(checkpoint))
+    base = ["convert", "spad", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")]
+    cases = {
+        '{"num_attention_heads": 2, "bogus_field": 3}': "bogus_field",
+        '{"num_attention_heads": 3}': "SpadViTConfig",  # 32 wide: heads do not divide it
+        "[1, 2]": "JSON object",
+        "{not json": "not valid JSON",
+    }
+    for config, phrase in cases.items():
+        assert main([*base, "--config", config]) == 2, config
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out" / "config.json").exists()
+    script = Path(__file__).resolve().parents[1] / "conversion" / "convert_spad_original_to_hf.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--checkpoint", str(checkpoint)], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "convert_spad_original_to_hf.py"
+    )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .errors import MedfmError
 
-__all__ = ["convert_main", "main"]
+__all__ = ["convert_main", "main", "parse_config_overrides"]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     own = {option.name for option in family.converter_options}
     options = {}
     for name in _converter_option_names():
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is None:
             continue
         if name not in own:
@@ -106,7 +106,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     out = family.load_converter()(
         args.checkpoint,
         args.output,
-        config_overrides=_config_overrides(args.config),
+        config_overrides=parse_config_overrides(args.config),
         trust_checkpoint=args.trust_checkpoint,
         **options,
     )
@@ -114,8 +114,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_overrides(text: str) -> dict:
-    """``--config``: a JSON object, or the path of a ``.json`` file holding one."""
+def parse_config_overrides(text: str) -> dict:
+    """A ``--config`` value: a JSON object, or the path of a ``.json`` file holding one.
+
+    Raises:
+        ValueError: Not JSON, or not an object (the message names the option or file).
+        OSError: A ``.json`` file that cannot be read.
+    """
     from pathlib import Path
 
     source = "--config"
@@ -131,8 +136,18 @@ def _config_overrides(text: str) -> dict:
 
 
 def convert_main(family: str, argv: Sequence[str] | None = None) -> int:
-    """``medfm convert FAMILY ...`` as a stand-alone script (``conversion/convert_<family>_original_to_hf.py``)."""
-    return main(["convert", family, *(sys.argv[1:] if argv is None else argv)])
+    """``medfm convert FAMILY ...`` as a stand-alone script (``conversion/convert_<family>_original_to_hf.py``):
+    the same options and errors, under the script's own name."""
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) or "convert",
+        description=f"Convert an original {family} checkpoint to a medfm model folder (as `medfm convert {family}`).",
+    )
+    _add_convert_arguments(parser, only=family)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args.family, args.command, args.prog = family, "convert", parser.prog
+    return _run(args)
 
 
 def _converter_option_names() -> list[str]:
@@ -146,6 +161,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, steps=args.steps)
     return 0
+
+
+def _families_line() -> str:
+    from .models.registry import families
+
+    return "Families: " + "; ".join(f"{f.name}: {f.title}" for f in families() if f.converter is not None)
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser, only: str | None = None) -> None:
+    """The ``convert`` options: the family (unless the script is one family's), its checkpoint and output, and
+    each family's own options."""
+    from .models.registry import families
+
+    convertible = [f for f in families() if f.converter is not None and (only is None or f.name == only)]
+    if only is None:
+        parser.add_argument("family", choices=[f.name for f in convertible], help="model family")
+    parser.add_argument("--checkpoint", required=True, help="original checkpoint (.ckpt, .pth, .safetensors)")
+    for family in convertible:
+        for option in family.converter_options:
+            parser.add_argument(f"--{option.name.replace('_', '-')}", help=f"{family.name}: {option.help}")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument(
+        "--config", default="{}", help="JSON object (or .json file) of config fields shapes cannot tell"
+    )
+    parser.add_argument("--trust-checkpoint", action="store_true", help="full unpickling for a trusted file")
+    parser.set_defaults(func=_cmd_convert)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,26 +246,10 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--device", default=None, help="e.g. cpu, cuda")
     classify.set_defaults(func=_cmd_classify)
 
-    from .models.registry import families
-
-    convertible = [family for family in families() if family.converter is not None]
     convert = commands.add_parser(
-        "convert",
-        help="convert an original checkpoint to a medfm model folder",
-        description="Families: " + "; ".join(f"{f.name}: {f.title}" for f in convertible),
+        "convert", help="convert an original checkpoint to a medfm model folder", description=_families_line()
     )
-    convert.add_argument("family", choices=[f.name for f in convertible], help="model family")
-    convert.add_argument(
-        "--checkpoint", required=True, help="original checkpoint (.ckpt, .pth, .safetensors)"
-    )
-    for family in convertible:
-        for option in family.converter_options:
-            convert.add_argument(f"--{option.name.replace('_', '-')}", help=f"{family.name}: {option.help}")
-    convert.add_argument("--output", required=True, help="output folder")
-    convert.add_argument(
-        "--config", default="{}", help="JSON object (or .json file) of config fields shapes cannot tell"
-    )
-    convert.add_argument("--trust-checkpoint", action="store_true", help="full unpickling for a trusted file")
+    _add_convert_arguments(convert)
     convert.set_defaults(func=_cmd_convert)
 
     demo = commands.add_parser(
@@ -238,11 +263,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medfm`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    return _run(_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (MedfmError, ValueError, OSError) as error:
-        print(f"medfm {args.command}: error: {error}", file=sys.stderr)
+        print(f"{getattr(args, 'prog', None) or 'medfm ' + args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

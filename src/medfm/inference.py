@@ -38,12 +38,14 @@ def default_roi_size(
     multiple = contract.required_input_multiple(spacing)
     minimum = contract.minimum_input_shape(spacing)
     roi = [max(low, math.ceil(min(n, max_edge) / m) * m) for n, m, low in zip(shape, multiple, minimum)]
-    if roi == list(multiple):
-        # One multiple on every axis leaves a single voxel at the coarsest level of a feature pyramid, which
-        # instance normalisation cannot normalise: widen the window along the last axis.
-        roi[-1] *= 2
     if contract.input_spatial_dims == (2,):
         roi[0] = 1
+    try:
+        contract.check_input_shape(roi, spacing)
+    except ValueError:
+        # E.g. one multiple on every axis leaves a single voxel at the coarsest level of a feature pyramid:
+        # widen the window along the last axis.
+        roi[-1] *= 2
     return tuple(roi)  # type: ignore[return-value]
 
 
@@ -51,20 +53,25 @@ def check_roi_size(model: nn.Module, roi_size: Sequence[int], spacing=None) -> t
     """``roi_size`` as a tuple, if the model can run on windows of that size.
 
     Raises:
-        ValueError: A size is not a multiple of what the model needs, or below its minimum.
+        ValueError: Not three sizes, or a window the model cannot run on (the model's own message).
     """
     contract = model_contract(model)
     roi = tuple(int(n) for n in roi_size)
-    multiple = contract.required_input_multiple(spacing)
-    minimum = contract.minimum_input_shape(spacing)
+    if len(roi) != 3 or any(n < 1 for n in roi):
+        raise ValueError(f"roi_size must be three positive sizes (D, H, W); got {tuple(roi_size)}")
     if contract.input_spatial_dims == (2,):
-        multiple, minimum = (1, *multiple[1:]), (1, *minimum[1:])
-    if len(roi) != 3 or any(r % m for r, m in zip(roi, multiple)):
-        raise ValueError(
-            f"roi_size {roi} must be three sizes, each a multiple of {tuple(multiple)} for this model"
-        )
-    if any(r < low for r, low in zip(roi, minimum)):
-        raise ValueError(f"roi_size {roi} is below this model's minimum input {tuple(minimum)}")
+        if roi[0] != 1:
+            raise ValueError(f"roi_size {roi}: a 2D model runs on windows one slice deep, (1, H, W)")
+        multiple = contract.required_input_multiple(spacing)
+        if any(n % m for n, m in zip(roi[1:], multiple[1:])):
+            raise ValueError(
+                f"roi_size {roi} must be a multiple of {tuple(multiple[1:])} in-plane for this model"
+            )
+        return roi  # type: ignore[return-value]
+    try:
+        contract.check_input_shape(roi, spacing)
+    except ValueError as error:
+        raise ValueError(f"roi_size {roi}: {error}") from None
     return roi  # type: ignore[return-value]
 
 

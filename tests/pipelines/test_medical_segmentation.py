@@ -14,7 +14,6 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 import medfm  # noqa: F401
 from medfm.io import load_volume
-from medfm.models.modeling_utils import MedfmModelMixin
 from medfm.processing import MedicalImageProcessor
 
 from ..common.tiny_models import save_tiny_segmentation_model
@@ -25,16 +24,10 @@ class ThresholdConfig(PretrainedConfig):
     model_type = "medfm_test_threshold"
 
 
-class ThresholdSegmenter(MedfmModelMixin, PreTrainedModel):
-    """A transparent 'model': label 1 where the processed intensity is above 0.5. Counts its calls.
-
-    It states the medfm model contract (3D inputs, any size, no spacing), which is all the pipeline relies on.
-    """
+class ThresholdSegmenter(PreTrainedModel):
+    """A transparent 'model': label 1 where the processed intensity is above 0.5. Counts its calls."""
 
     config_class = ThresholdConfig
-
-    def required_input_multiple(self, spacing=None):
-        return (1, 1, 1)
 
     def __init__(self, config):
         super().__init__(config)

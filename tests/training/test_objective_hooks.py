@@ -78,8 +78,13 @@ def test_per_tensor_clip_bounds_each_gradient() -> None:
 
 
 def test_objectives_table_and_recipes() -> None:
-    assert {"spad-vit", "spad-vt"} <= set(OBJECTIVES)
-    for name in OBJECTIVES:
+    import importlib
+
+    from medfm.models.registry import FAMILY_MODULES
+
+    shipped = [name for m in FAMILY_MODULES for name in importlib.import_module(m).FAMILY.objectives]
+    assert {"spad-vit", "spad-vt"} <= set(shipped) <= set(OBJECTIVES)
+    for name in shipped:
         recipe = OBJECTIVES[name].data_recipe()
         assert isinstance(recipe, DataRecipe) and recipe.steps and recipe.token_stride > 0
     # The SPAD recipes are the values the example scripts used to pass explicitly.
@@ -88,3 +93,18 @@ def test_objectives_table_and_recipes() -> None:
     assert (tokenizer.crop_size, tokenizer.depth_tokens, tokenizer.learning_rate) == (128, 4, 1e-4)
     with pytest.raises(ValueError, match="unknown pre-training objective"):
         build_objective("no-such-objective")
+
+
+def test_load_for_task_errors_name_the_model(tmp_path) -> None:
+    from transformers import AutoModelForSemanticSegmentation, ViTConfig
+
+    from medfm.models.spad import SpadVTConfig, SpadVTModel
+    from medfm.training.arguments import load_for_task
+
+    SpadVTModel(SpadVTConfig(downsample_channels=[8, 8, 16], upsample_channels=[8, 8, 16], embedding_dim=16,
+        codebook_size=8)).save_pretrained(tmp_path / "vt")  # fmt: skip
+    with pytest.raises(ValueError, match="has no AutoModelForSemanticSegmentation class"):
+        load_for_task(AutoModelForSemanticSegmentation, str(tmp_path / "vt"))
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="belongs to no medfm model family"):
+        load_for_task(AutoModelForSemanticSegmentation, str(tmp_path / "vit"))

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import VolumeNotFoundError
-from ..layers.anisotropy import aniso_d_from_spacing
+from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 
-__all__ = ["ClassificationSample", "GroupedBatchSampler", "load_classification_items"]
+__all__ = ["ClassificationSample", "GroupedBatchSampler", "anisotropy_group", "load_classification_items"]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 
@@ -59,19 +59,44 @@ def load_classification_items(source: str | os.PathLike) -> tuple[list[tuple[Pat
     return items, sorted({name for _, name in items})
 
 
-class GroupedBatchSampler:
-    """An endless iterator of batches whose samples share a shape and a SPAD anisotropy level (a model batch
-    must), drawn uniformly over the groups' samples."""
+def anisotropy_group(sample: ClassificationSample) -> int:
+    """The anisotropy level of a sample (single-slice images are 2D, level 5, whatever their thickness)."""
+    if sample.pixel_values.shape[1] == 1:
+        return TWO_D_ANISO_D
+    return aniso_d_from_spacing(sample.spacing)
 
-    def __init__(self, samples: Sequence[ClassificationSample], batch_size: int = 4, seed: int = 0):
+
+class GroupedBatchSampler:
+    """An endless iterator of batches whose samples share a shape and a group key, drawn uniformly over the
+    groups' samples.
+
+    Args:
+        samples: The samples.
+        batch_size: Samples per batch.
+        seed: Seed of the draws.
+        group_key: What else a batch must share besides the shape; by default the anisotropy level (one
+            spacing-adaptive forward runs one level), ``None`` for the shape alone.
+        include_spacing: Put the (first sample's) ``spacing`` in the batch, for models whose forward takes it.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[ClassificationSample],
+        batch_size: int = 4,
+        seed: int = 0,
+        group_key: Callable[[ClassificationSample], Hashable] | None = anisotropy_group,
+        include_spacing: bool = True,
+    ):
         if not samples:
             raise ValueError("no samples to draw batches from")
         groups: dict[tuple, list[ClassificationSample]] = defaultdict(list)
         for sample in samples:
-            groups[(tuple(sample.pixel_values.shape), aniso_d_from_spacing(sample.spacing))].append(sample)
+            key = group_key(sample) if group_key is not None else None
+            groups[(tuple(sample.pixel_values.shape), key)].append(sample)
         self.groups = list(groups.values())
         self.weights = torch.tensor([len(g) for g in self.groups], dtype=torch.float)
         self.batch_size = batch_size
+        self.include_spacing = include_spacing
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -81,8 +106,10 @@ class GroupedBatchSampler:
         group = self.groups[int(torch.multinomial(self.weights, 1, generator=self.generator))]
         picks = torch.randint(len(group), (self.batch_size,), generator=self.generator).tolist()
         chosen = [group[i] for i in picks]
-        return {
+        batch = {
             "pixel_values": torch.stack([s.pixel_values for s in chosen]),
-            "spacing": chosen[0].spacing,
             "labels": torch.tensor([s.label for s in chosen]),
         }
+        if self.include_spacing:
+            batch["spacing"] = chosen[0].spacing
+        return batch

@@ -9,14 +9,49 @@ fine-tuning examples and the pre-training loop without them naming it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers.modeling_utils import PreTrainedModel
 
-__all__ = ["MedfmModelMixin", "MedfmPreTrainedModel", "as_volume", "model_contract"]
+__all__ = [
+    "InferredContract",
+    "MedfmModelMixin",
+    "MedfmPreTrainedModel",
+    "as_volume",
+    "classification_loss",
+    "model_contract",
+]
+
+
+def classification_loss(
+    loss_function: Callable[..., torch.Tensor], config: Any, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """transformers' image-classification loss (``model.loss_function``), with the problem type decided per
+    call and the labels cast to what it needs.
+
+    The problem is ``config.problem_type`` when set; otherwise regression for one label, single-label
+    classification for integer labels, multi-label for float ones. transformers' loss would write the type it
+    guessed into the model's config (so the first batch fixed it for good) and expects float targets for BCE
+    and MSE; here the config is left as it is and integer 0/1 targets work for multi-label.
+    """
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    settled = copy.copy(config)  # shallow: only problem_type differs
+    settled.problem_type = problem
+    if problem != "single_label_classification":
+        labels = labels.to(logits.dtype)
+    return loss_function(labels, logits, settled)
 
 
 def as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -65,7 +100,8 @@ class MedfmModelMixin:
     def required_input_multiple(
         self, spacing: Sequence[float] | torch.Tensor | None = None
     ) -> tuple[int, ...]:
-        """Each spatial size of an input must be a multiple of this (``(D, H, W)``; ``(1, H, W)`` for 2D).
+        """Each spatial size ``(D, H, W)`` of a volume input must be a multiple of this (a single-slice 2D input
+        needs only the in-plane multiple).
 
         Args:
             spacing: The input's spacing, for models whose patch depends on it (SPAD); ``None``: the most
@@ -76,6 +112,21 @@ class MedfmModelMixin:
     def minimum_input_shape(self, spacing: Sequence[float] | torch.Tensor | None = None) -> tuple[int, ...]:
         """The smallest input ``(D, H, W)`` the model runs on (by default one multiple)."""
         return self.required_input_multiple(spacing)
+
+    def check_input_shape(
+        self, shape: Sequence[int], spacing: Sequence[float] | torch.Tensor | None = None
+    ) -> None:
+        """Raise a ValueError saying what is wrong when the model cannot run on an input of spatial ``shape``
+        ``(D, H, W)``: a size that is not a multiple of :meth:`required_input_multiple`, or below
+        :meth:`minimum_input_shape`. Models with further rules (a pyramid that needs two voxels at its
+        coarsest level) extend it."""
+        shape = tuple(int(n) for n in shape)
+        multiple = tuple(self.required_input_multiple(spacing))
+        minimum = tuple(self.minimum_input_shape(spacing))
+        if len(shape) != len(multiple) or any(n % m for n, m in zip(shape, multiple)):
+            raise ValueError(f"input size {shape} must be a multiple of {multiple} for {type(self).__name__}")
+        if any(n < low for n, low in zip(shape, minimum)):
+            raise ValueError(f"input size {shape} is below the minimum {minimum} of {type(self).__name__}")
 
     def model_inputs(self, pixel_values: torch.Tensor, spacing: torch.Tensor | None = None) -> dict[str, Any]:
         """Forward keyword arguments for ``pixel_values`` (and ``spacing`` where the forward takes it)."""
@@ -106,21 +157,51 @@ class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
     """Base of medfm's own model classes: transformers' :class:`PreTrainedModel` plus the medfm contract."""
 
 
+class InferredContract(MedfmModelMixin):
+    """The contract of a model that does not state one (a plain transformers model), inferred as well as can
+    be: volumes, ``spacing`` if the forward's signature takes it, inputs a multiple of ``config.patch_size``
+    (1 without one), a cls token when the config says ``use_cls_token`` is not false."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.accepts_spacing = "spacing" in inspect.signature(model.forward).parameters
+        self.pooling = "cls" if getattr(self.config, "use_cls_token", True) else "mean"
+
+    def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
+        patch = getattr(self.config, "patch_size", 1)
+        patch = tuple(int(p) for p in patch) if isinstance(patch, list | tuple) else (int(patch),) * 3
+        return (1, *patch[-2:]) if len(patch) == 2 else patch
+
+    @property
+    def num_input_channels(self) -> int:
+        for key in (self.channels_config_key, "num_channels"):
+            if hasattr(self.config, key):
+                return int(getattr(self.config, key))
+        raise AttributeError(f"{type(self.model).__name__}'s config names no input channel count")
+
+
 def model_contract(model: nn.Module) -> MedfmModelMixin:
-    """The medfm model inside ``model`` (a PEFT or DDP wrapper is looked through).
+    """The medfm contract of ``model`` (a PEFT or DDP wrapper is looked through).
+
+    A medfm model is its own contract; any other model with a transformers config gets an
+    :class:`InferredContract`.
 
     Raises:
-        TypeError: ``model`` is not a medfm model.
+        TypeError: ``model`` has no config (it is not a transformers model).
     """
     seen = model
     for _ in range(4):
         if isinstance(seen, MedfmModelMixin):
             return seen
         unwrap = getattr(seen, "get_base_model", None)
-        seen = unwrap() if callable(unwrap) else getattr(seen, "module", None)
-        if seen is None:
+        inner = unwrap() if callable(unwrap) else getattr(seen, "module", None)
+        if inner is None:
             break
+        seen = inner
+    if getattr(seen, "config", None) is not None and callable(getattr(seen, "forward", None)):
+        return InferredContract(seen)
     raise TypeError(
-        f"{type(model).__name__} is not a medfm model: medfm's pipelines and training need a model class "
-        "that derives from medfm.models.modeling_utils.MedfmModelMixin"
+        f"{type(model).__name__} is not a transformers model (no config): medfm's pipelines and training need "
+        "a model with a config, best one whose class derives from medfm.models.modeling_utils.MedfmModelMixin"
     )

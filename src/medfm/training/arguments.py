@@ -61,7 +61,15 @@ def load_for_task(auto_class: type, model: str, num_channels: int | None = None,
     from ..models.registry import family_of
 
     config = AutoConfig.from_pretrained(model)
-    family = family_of(type(config))
+    try:
+        family = family_of(type(config))
+    except KeyError as error:
+        raise ValueError(f"{model}: {error.args[0]}") from None
+    if type(config) not in auto_class._model_mapping:
+        raise ValueError(
+            f"{model}: a {config.model_type} model has no {auto_class.__name__} class (the {family.name} family "
+            f"offers {sorted(a.__name__ for a in family.configs[type(config)])})"
+        )
     settings = dict(family.task_defaults.get(auto_class, {}))
     if num_channels is not None:
         model_class = auto_class._model_mapping[type(config)]

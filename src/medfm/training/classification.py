@@ -7,10 +7,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..data.classification import ClassificationSample
+# The data pieces moved to medfm.data; importable from here as before.
+from ..data.classification import ClassificationSample, GroupedBatchSampler, load_classification_items
 from ..models.modeling_utils import model_contract
 
-__all__ = ["evaluate_classification"]
+__all__ = [
+    "ClassificationSample",
+    "GroupedBatchSampler",
+    "evaluate_classification",
+    "load_classification_items",
+]
 
 
 def evaluate_classification(model: nn.Module, samples: Sequence[ClassificationSample]) -> dict[str, float]:

@@ -7,11 +7,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..data.segmentation import SegmentationSample
+# The data pieces moved to medfm.data; importable from here as before.
+from ..data.segmentation import (
+    SegmentationSample,
+    VolumeCropSampler,
+    load_segmentation_pairs,
+    prepare_segmentation_sample,
+)
 from ..inference import sliding_window_logits
 from ..metrics import mean_metrics, segmentation_metrics
 
-__all__ = ["evaluate_segmentation"]
+__all__ = [
+    "SegmentationSample",
+    "VolumeCropSampler",
+    "evaluate_segmentation",
+    "load_segmentation_pairs",
+    "prepare_segmentation_sample",
+    "sliding_window_logits",
+]
 
 
 def evaluate_segmentation(

@@ -541,3 +541,52 @@ def test_segmentation_refuses_adaptive_configs_and_odd_sizes() -> None:
     model = SpadViTForSemanticSegmentation(TestSpadViTForSemanticSegmentationCommon().make_config()).eval()
     with pytest.raises(ValueError, match="not a multiple of the coarsest pyramid stride"):
         model(_volume(1, channels=1, shape=(8, 48, 80)))
+
+
+def test_classification_loss_settles_the_problem_per_call() -> None:
+    """Integer multi-hot targets train a multi-label head; the first batch does not fix the problem type in
+    the config (transformers' loss would write it there), so soft targets work after integer ones."""
+    x = _volume(2)
+    multi = SpadViTForImageClassification(
+        SpadViTConfig(**OTHER_VIT, num_labels=3, problem_type="multi_label_classification")
+    )
+    logits = multi(x, spacing=(2.0, 0.5, 0.5)).logits
+    loss = multi(x, spacing=(2.0, 0.5, 0.5), labels=torch.tensor([[0, 1, 1], [1, 0, 0]])).loss
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.tensor([[0.0, 1, 1], [1, 0, 0]])
+    )
+    torch.testing.assert_close(loss, expected)
+    model = SpadViTForImageClassification(SpadViTConfig(**OTHER_VIT, num_labels=3))
+    hard = model(x, spacing=(2.0, 0.5, 0.5), labels=torch.tensor([0, 2])).loss
+    torch.testing.assert_close(
+        hard,
+        torch.nn.functional.cross_entropy(model(x, spacing=(2.0, 0.5, 0.5)).logits, torch.tensor([0, 2])),
+    )
+    assert model.config.problem_type is None
+    soft = model(x, spacing=(2.0, 0.5, 0.5), labels=torch.full((2, 3), 0.5)).loss
+    assert torch.isfinite(soft)
+
+
+def test_a_single_slice_is_two_d_whatever_its_thickness() -> None:
+    """A 2D image's spacing may carry a slice thickness (5 mm here); it still runs at aniso_d 5 (spec: 2D
+    images get z-spacing 1e8), instead of failing on a depth patch of 2."""
+    model = SpadViTModel(SpadViTConfig(**OTHER_VIT)).eval()
+    image = torch.randn(1, 3, 1, 32, 48)
+    assert model.resolve_aniso_d(image, torch.tensor([5.0, 0.53, 0.53]), None) == 5
+    with torch.no_grad():
+        thick = model(image, spacing=(5.0, 0.53, 0.53)).last_hidden_state
+        plain = model(image[:, :, 0]).last_hidden_state
+    torch.testing.assert_close(thick, plain)
+
+
+def test_segmentation_states_its_smallest_window() -> None:
+    from medfm.inference import check_roi_size, default_roi_size
+
+    model = SpadViTForSemanticSegmentation(TestSpadViTForSemanticSegmentationCommon().make_config()).eval()
+    assert model.required_input_multiple() == (8, 32, 32)
+    with pytest.raises(ValueError, match="single voxel"):
+        check_roi_size(model, (8, 32, 32))  # one coarse voxel: instance norm would fail inside the forward
+    assert check_roi_size(model, (8, 32, 64)) == (8, 32, 64)
+    with pytest.raises(ValueError, match="multiple of"):
+        check_roi_size(model, (8, 30, 64))
+    assert default_roi_size(model, (8, 32, 32)) == (8, 32, 64)

@@ -28,6 +28,7 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ...errors import CorruptFileError, UnsupportedFormatError, VolumeNotFoundError
 from ...layers import resample_position_grid
+from ..conversion_utils import build_config, check_config_fields
 from .configuration_spad import SpadViTConfig, SpadVTConfig
 from .spad_conv import merge_depth_taps
 
@@ -233,6 +234,7 @@ def infer_vit_config(
         ValueError: The number of heads cannot be inferred and is not in ``overrides``.
     """
     overrides = dict(overrides or {})
+    check_config_fields(SpadViTConfig, overrides)
     patch = state["patch_embed.proj.weight"]
     width = int(state["cls_token"].shape[-1])
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -259,7 +261,7 @@ def infer_vit_config(
     if depth == 24 and "mask_layer_ids" not in overrides:
         inferred["mask_layer_ids"] = list(range(18, 24))
     inferred.update(overrides)
-    return SpadViTConfig(**inferred)
+    return build_config(SpadViTConfig, inferred)
 
 
 def infer_tokenizer_config(
@@ -290,8 +292,9 @@ def infer_tokenizer_config(
         "codebook_size": int(state["quantize.embedding.weight"].shape[0]),
         "embedding_dim": int(state["quantize.embedding.weight"].shape[1]),
     }
+    check_config_fields(SpadVTConfig, overrides or {}, "tokenizer config")
     config.update(overrides or {})
-    return SpadVTConfig(**config)
+    return build_config(SpadVTConfig, config)
 
 
 # --- the conversion -------------------------------------------------------------------------------------

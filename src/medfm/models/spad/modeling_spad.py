@@ -15,7 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -35,9 +35,11 @@ from ...layers.patch_embed import check_divisible
 from ...layers.position import resample_position_grid
 from ...layers.rope import Rope3D, TokenRotation
 from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences
-from ..modeling_utils import MedfmPreTrainedModel, as_volume
+from ..modeling_utils import MedfmPreTrainedModel, as_volume, classification_loss
 from .configuration_spad import SpadViTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "SpadViTForImageClassification",
@@ -268,13 +270,13 @@ class SpadViTModel(SpadViTPreTrainedModel):
     def resolve_aniso_d(
         self, pixel_values: torch.Tensor, spacing: torch.Tensor | None, aniso_d: int | None
     ) -> int:
-        """``aniso_d`` if given, else from ``spacing``, else 5 for single-slice inputs (fixed patches need none)."""
+        """``aniso_d`` if given, else 5 for a single-slice input, else from ``spacing`` (fixed patches need none)."""
         if aniso_d is not None:
             return int(aniso_d)
+        if pixel_values.shape[2] == 1:  # a 2D image is 2D whatever its slice thickness (spec: z-spacing 1e8)
+            return TWO_D_ANISO_D
         if spacing is not None:
             return aniso_d_from_spacing(spacing, max_stride=self.config.patch_size[0])
-        if pixel_values.shape[2] == 1:
-            return TWO_D_ANISO_D
         if not self.config.adaptive_patch_embed:
             return 0
         raise ValueError(
@@ -316,6 +318,12 @@ class SpadViTModel(SpadViTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        wants_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if wants_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"output_attentions: the {self.config._attn_implementation!r} attention returns no weights; load "
+                "the model with attn_implementation='eager' to get them"
+            )
         pixel_values, _ = as_volume(pixel_values)
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
         level = self.resolve_aniso_d(pixel_values, spacing, aniso_d)
@@ -579,9 +587,9 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
     ) -> ImageClassifierOutput:
         r"""
         Args:
-            labels: ``(B,)`` class indices (cross-entropy), ``(B, num_labels)`` floats for
-                ``problem_type="multi_label_classification"`` (BCE), or values for regression (MSE); the loss is
-                transformers' ``ForImageClassification`` loss.
+            labels: ``(B,)`` class indices (cross-entropy), ``(B, num_labels)`` 0/1 or soft targets for
+                ``problem_type="multi_label_classification"`` (BCE), or values for regression (MSE); see
+                :func:`~medfm.models.modeling_utils.classification_loss`.
         """
         outputs = self.spad_vit(
             pixel_values,
@@ -591,12 +599,11 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
             **kwargs,
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            if labels.is_floating_point() or self.config.num_labels > 1:
-                loss = self.loss_function(labels, logits, self.config)
-            else:  # integer regression targets
-                loss = self.loss_function(labels.float(), logits, self.config)
+        loss = (
+            classification_loss(self.loss_function, self.config, logits, labels)
+            if labels is not None
+            else None
+        )
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -665,6 +672,16 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
     def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
         """The stride of the coarsest pyramid level."""
         return tuple(self.pyramid.level_strides[3])
+
+    def check_input_shape(self, shape, spacing=None) -> None:
+        """A multiple of the coarsest stride, with at least two voxels at that level (instance norm needs them)."""
+        super().check_input_shape(shape, spacing)
+        coarse = [int(n) // s for n, s in zip(shape, self.pyramid.level_strides[3])]
+        if coarse[0] * coarse[1] * coarse[2] < 2:
+            raise ValueError(
+                f"input size {tuple(int(n) for n in shape)} leaves the coarsest pyramid level a single voxel, which "
+                f"instance norm cannot normalise; use at least 2 x {tuple(self.pyramid.level_strides[3])} on one axis"
+            )
 
     def extract_features(
         self,

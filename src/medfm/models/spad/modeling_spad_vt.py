@@ -184,10 +184,10 @@ class SpadVTModel(SpadVTPreTrainedModel):
     def resolve_aniso_d(self, pixel_values: torch.Tensor, spacing=None, aniso_d: int | None = None) -> int:
         if aniso_d is not None:
             return int(aniso_d)
+        if pixel_values.shape[2] == 1:  # a 2D image is 2D whatever its slice thickness (spec: z-spacing 1e8)
+            return TWO_D_ANISO_D
         if spacing is not None:
             return aniso_d_from_spacing(spacing, max_stride=self.config.total_stride)
-        if pixel_values.shape[2] == 1:
-            return TWO_D_ANISO_D
         raise ValueError("SPAD-VT needs the spacing of a 3D input: pass spacing=(z, y, x) mm or aniso_d")
 
     def _check_size(self, volume: torch.Tensor, aniso_d: int) -> None:
