@@ -6,6 +6,7 @@ keeps only what is its own. Decoders live in :mod:`medfm.layers.decoders` (one m
 
 from .anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 from .attention import AttentionCore, eager_attention_forward, merge_heads, split_heads
+from .blocks import PreNormBlock
 from .drop import DropPath, drop_path, drop_path_rates
 from .heads import ClassificationHead, pool_tokens
 from .losses import (
@@ -42,6 +43,7 @@ __all__ = [
     "ClassificationHead",
     "DropPath",
     "PatchEmbed",
+    "PreNormBlock",
     "RelativePositionBias",
     "Rope3D",
     "SwiGLU",

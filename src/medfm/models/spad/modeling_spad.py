@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
@@ -20,6 +19,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from ...layers.attention import AttentionCore
+from ...layers.blocks import PreNormBlock
 from ...layers.decoders.feature_pyramid import SimpleFeaturePyramid
 from ...layers.decoders.unet import PyramidUNetDecoder
 from ...layers.losses import deep_supervision_loss, soft_target_cross_entropy
@@ -167,22 +167,17 @@ class SpadViTAttention(AttentionCore):
         return self.proj(output.reshape(batch, length, -1)), weights
 
 
-class SpadViTLayer(GradientCheckpointingLayer):
-    """Pre-norm block: ``x + attn(LN(x))``, then ``x + SwiGLU(LN(x))`` with the sub-LN."""
+class SpadViTLayer(PreNormBlock):
+    """Pre-norm block: ``x + attn(LN(x))``, then ``x + SwiGLU(LN(x))`` with the sub-LN (no drop path)."""
 
     def __init__(self, config: SpadViTConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = SpadViTAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, sub_norm_eps=config.layer_norm_eps)
-
-    def forward(
-        self, hidden_states: torch.Tensor, rotation: TokenRotation, **attention_kwargs
-    ) -> torch.Tensor:
-        attended, _ = self.attn(self.norm1(hidden_states), rotation, **attention_kwargs)
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.norm2(hidden_states))
+        width, eps = config.hidden_size, config.layer_norm_eps
+        super().__init__(
+            nn.LayerNorm(width, eps=eps),
+            SpadViTAttention(config),
+            nn.LayerNorm(width, eps=eps),
+            SwiGLU(width, config.intermediate_size, sub_norm_eps=eps),
+        )
 
 
 class SpadViTPreTrainedModel(MedfmPreTrainedModel):

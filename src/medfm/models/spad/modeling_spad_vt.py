@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from ...layers.norm import ChannelsFirstLayerNorm
 from ..modeling_utils import MedfmPreTrainedModel, as_volume
@@ -214,15 +215,14 @@ class SpadVTModel(SpadVTPreTrainedModel):
         reconstruction, _ = _run(self.decoder, z_q, int(aniso_d), self.downsample_steps)
         return reconstruction
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         spacing: torch.Tensor | None = None,
         aniso_d: int | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SpadVTOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         volume, is_2d = as_volume(pixel_values)
         level = self.resolve_aniso_d(volume, spacing, aniso_d)
         encoded = self.encode(volume, aniso_d=level)
@@ -233,7 +233,7 @@ class SpadVTModel(SpadVTPreTrainedModel):
         mean_use = probabilities.mean(dim=0)
         quant_loss = (mean_use * mean_use.clamp_min(1e-12).log()).sum()
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean()
-        output = SpadVTOutput(
+        return SpadVTOutput(
             z=encoded.z,
             logits=encoded.logits,
             z_q=encoded.z_q,
@@ -242,4 +242,3 @@ class SpadVTModel(SpadVTPreTrainedModel):
             quant_loss=quant_loss,
             entropy=entropy,
         )
-        return output if return_dict else output.to_tuple()
