@@ -26,5 +26,6 @@ def test_demo_fine_tunes_and_writes_outputs(tmp_path: Path) -> None:
     # Held-out hemisphere Dice; `make demo` prints about 0.85 for both tissues.
     assert metrics["dice_grey_matter"] > 0.75 and metrics["dice_white_matter"] > 0.75
     card = ModelCard.load(written["model"] / "README.md")
-    assert {r.metric_type for r in card.data.eval_results} == {"dice_grey_matter", "dice_white_matter"}
+    assert {r.metric_name for r in card.data.eval_results} == {"dice_grey_matter", "dice_white_matter"}
+    assert {r.metric_type for r in card.data.eval_results} == {"dice"}
     assert (written["model"] / "preprocessor_config.json").is_file()

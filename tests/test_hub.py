@@ -63,7 +63,9 @@ def test_push_and_reload_by_repo_id(tmp_path: Path, anatomical_path: Path) -> No
     }
     card = ModelCard.load(committed / "README.md")
     assert card.data.base_model == "medfm/spad-vit-base" and card.data.library_name == "medfm"
-    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == info.metrics
+    # Standard metric types, the label in the metric's name (Hub model-index conventions).
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == info.metrics
+    assert {r.metric_type for r in card.data.eval_results} == {"dice"}
     assert "learning_rate" in card.text and "Not for clinical use" in card.text
 
     cache = tmp_path / "hub-cache"
@@ -102,3 +104,52 @@ def test_unknown_card_template(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no model card template"):
         write_model_card("nope", tmp_path)
+
+
+class _FailingApi(RecordingApi):
+    """A Hub that is unreachable at ``stage`` ("create" or "upload")."""
+
+    def __init__(self, into: Path, stage: str):
+        super().__init__(into)
+        self.stage = stage
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, token=None):
+        if self.stage == "create":
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+        super().create_repo(repo_id, private, exist_ok, token)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, token=None):
+        raise ConnectionError("Connection reset by peer")
+
+
+def test_push_without_a_network_fails_before_writing(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from medfm.hub import HubUploadError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = SpadViTForSemanticSegmentation(tiny_segmentation_config())
+    # HF_HUB_OFFLINE is set for the whole test session, as on a machine without a network.
+    with pytest.raises(HubUploadError, match="HF_HUB_OFFLINE"):
+        push_to_hub(model, "org/tiny")
+    with pytest.raises(HubUploadError, match="cannot create or reach org/tiny"):
+        push_to_hub(model, "org/tiny", api=_FailingApi(tmp_path, "create"))
+    assert not list(tmp_path.glob("medfm-push-*"))  # nothing was prepared
+
+
+def test_a_failed_upload_keeps_the_prepared_folder(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from medfm.hub import HubUploadError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = SpadViTForSemanticSegmentation(tiny_segmentation_config())
+    with pytest.raises(HubUploadError, match="kept at") as raised:
+        push_to_hub(
+            model, "org/tiny", processor=tiny_segmentation_processor(), api=_FailingApi(tmp_path, "upload")
+        )
+    (kept,) = tmp_path.glob("medfm-push-*")
+    assert str(kept) in str(raised.value)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in kept.iterdir()
+    }

@@ -8,8 +8,10 @@ model-index results, training settings) and uploads them in one commit.
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,17 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard
 
+from .errors import MedfmError
 from .io.atomic import atomic_output
 
-__all__ = ["CardInfo", "available_card_templates", "push_to_hub", "render_model_card", "write_model_card"]
+__all__ = [
+    "CardInfo",
+    "HubUploadError",
+    "available_card_templates",
+    "push_to_hub",
+    "render_model_card",
+    "write_model_card",
+]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -58,6 +68,8 @@ class CardInfo:
         metrics: Metric name -> value, written as model-index results.
         training: Training settings shown in a table (epochs, learning rate...).
         values: More template placeholder values.
+        modality: Imaging modality of the training data (``CT``, ``MR``...).
+        validation_size: Number of held-out validation cases the metrics come from.
     """
 
     template: str = "fine-tuned"
@@ -69,32 +81,52 @@ class CardInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
+    modality: str | None = None
+    validation_size: int | None = None
 
 
 def _enrich(card: ModelCard, info: CardInfo, model_name: str) -> ModelCard:
-    if info.base_model:
-        card.data.base_model = info.base_model
-    if info.datasets:
-        card.data.datasets = list(info.datasets)
-    if info.metrics:
+    from .cards import hub_ids, metric_type
+
+    base_ids = hub_ids(info.base_model)
+    if base_ids:
+        card.data.base_model = base_ids[0]
+    dataset_ids = hub_ids(info.datasets)
+    card.data.datasets = dataset_ids or None
+    finite = {name: float(value) for name, value in info.metrics.items() if _finite(value)}
+    if finite:
         card.data.model_name = model_name
         card.data.eval_results = [
             EvalResult(
                 task_type=info.task_type,
-                dataset_type=info.dataset_type or info.dataset_name or "custom",
+                dataset_type=(hub_ids(info.dataset_type) or dataset_ids or ["custom"])[0],
                 dataset_name=info.dataset_name or "custom",
-                metric_type=name,
-                metric_value=float(value),
+                metric_type=metric_type(name),
+                metric_name=name,
+                metric_value=value,
             )
-            for name, value in info.metrics.items()
+            for name, value in finite.items()
         ]
+    if info.datasets:
+        listed = ", ".join(f"`{d}`" for d in info.datasets)
+        card.text += f"\n## Training data\n\n{listed}\n"
     if info.training:
         rows = "\n".join(f"| {key} | {value} |" for key, value in info.training.items())
         card.text += f"\n## Training settings\n\n| setting | value |\n| --- | --- |\n{rows}\n"
     if info.metrics:
-        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in info.metrics.items())
+        rows = "\n".join(
+            f"| {name} | {float(value):.4f} |" if _finite(value) else f"| {name} | n/a (not computable) |"
+            for name, value in info.metrics.items()
+        )
         card.text += f"\n## Results\n\n| metric | value |\n| --- | --- |\n{rows}\n"
     return card
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def push_to_hub(
@@ -123,18 +155,56 @@ def push_to_hub(
 
     Returns:
         What ``api.upload_folder`` returns (a ``CommitInfo``).
+
+    Raises:
+        HubUploadError: The Hub is off (``HF_HUB_OFFLINE``) or unreachable, or refuses the repository: raised
+            before anything is written. Or the upload failed: the prepared folder is kept and the message
+            says where.
     """
+    from huggingface_hub.constants import is_offline_mode
+
+    if api is None and is_offline_mode():
+        raise HubUploadError(
+            f"cannot push to {repo_id}: the Hub is off (HF_HUB_OFFLINE is set); unset it, or save the model with "
+            "save_pretrained and upload the folder later"
+        )
     api = api or HfApi(token=token)
     info = card or CardInfo()
-    with tempfile.TemporaryDirectory(prefix="medfm-push-") as folder:
+    # The repository first: without a network or rights nothing is written, and the message says why.
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    except Exception as error:  # requests/httpx connection errors, HfHubHTTPError (401, 403...)
+        raise HubUploadError(f"cannot create or reach {repo_id} on the Hub ({_first_line(error)})") from error
+    folder = Path(tempfile.mkdtemp(prefix="medfm-push-"))
+    try:
         model.save_pretrained(folder)
         if processor is not None:
             processor.save_pretrained(folder)
         write_model_card(info.template, folder, repo_id=repo_id, info=info)
-        api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-        return api.upload_folder(
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        result = api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, token=token
         )
+    except Exception as error:
+        # The prepared folder is kept: nothing of the run is lost, and it can be uploaded as it is.
+        raise HubUploadError(
+            f"uploading to {repo_id} failed ({_first_line(error)}); the prepared folder is kept at {folder}: "
+            f"upload it with `hf upload {repo_id} {folder}`"
+        ) from error
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+class HubUploadError(MedfmError, ConnectionError):
+    """The Hub could not be reached or refused the upload (the message says what was kept and where)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def write_model_card(
@@ -156,23 +226,54 @@ def write_model_card(
         extra: More placeholder values (``source_checkpoint``...).
         info: Run facts (datasets, metrics, training settings) to add; see :class:`CardInfo`.
     """
+    from .cards import folder_facts, hub_ids
+
     folder = Path(folder)
     name = (repo_id or folder.name).split("/")[-1]
     base = base_model or (info.base_model if info is not None else None)
+    facts = folder_facts(folder)
     values = {
         "model_name": name,
         "repo_id": repo_id or folder.name,
         "source_checkpoint": "an original checkpoint",
         "base_model": base or "a medfm model",
+        "subfolder_argument": "",
+        "parity_statement": _UNVERIFIED,
+        "validation_section": "",
+        **{k: v for k, v in facts.items() if not k.startswith("_")},
     }
+    if info is not None:
+        values["validation_section"] = _validation_section(info)
     values.update(extra or {})
     if info is not None:
         values.update(info.values)
     card = render_model_card(template, values)
-    if base is not None:
-        card.data.base_model = base
+    # Metadata the Hub validates: the task's pipeline tag, a named license, ids (not local paths).
+    if "_pipeline_tag" in facts:
+        card.data.pipeline_tag = facts["_pipeline_tag"]
+    if card.data.license == "other" and "_license_name" in facts:
+        card.data.license_name = facts["_license_name"]
+        card.data.license_link = facts["_license_link"] or None
+    base_ids = hub_ids(base)
+    card.data.base_model = base_ids[0] if base_ids else None
     if info is not None:
         card = _enrich(card, info, name)
     with atomic_output(folder / "README.md") as tmp:
         Path(tmp).write_text(str(card))
     return folder / "README.md"
+
+
+_UNVERIFIED = (
+    "The conversion was **not verified** against reference outputs of the original code for this checkpoint "
+    "(pass the original code's outputs to the converter, `--reference`, to check it); medfm's tests check the "
+    "conversion code on small models built with the original code."
+)
+
+
+def _validation_section(info: CardInfo) -> str:
+    lines = []
+    if info.modality:
+        lines.append(f"- Modality: {info.modality}")
+    if info.validation_size is not None:
+        lines.append(f"- Validation: {info.validation_size} held-out cases, never seen in training")
+    return ("## Data\n\n" + "\n".join(lines) + "\n") if lines else ""

@@ -82,6 +82,9 @@ class ModelFamily:
         model_cards: Model-card template names (in ``medfm/model_cards``) this family writes.
         load_hooks: Callables run once when the family is registered (weight-conversion hooks for
             ``from_pretrained``).
+        citation: The paper's BibTeX entry, for model cards.
+        license_name: The weights' license as the Hub names it (``license: other`` with this name).
+        license_link: Where that license (or the statement of its absence) is.
     """
 
     name: str
@@ -95,6 +98,9 @@ class ModelFamily:
     task_defaults: Mapping[type, Mapping[str, Any]] = field(default_factory=dict)
     model_cards: tuple[str, ...] = ()
     load_hooks: tuple[Callable[[], None], ...] = ()
+    citation: str = ""
+    license_name: str = "other"
+    license_link: str = ""
 
     @property
     def model_classes(self) -> tuple[type, ...]:

@@ -19,9 +19,11 @@ from torch import nn
 from transformers.modeling_utils import PreTrainedModel
 
 __all__ = [
+    "ADAPTER_BASE_MODEL_KEY",
     "InferredContract",
     "MedfmModelMixin",
     "MedfmPreTrainedModel",
+    "adapter_base_model",
     "as_volume",
     "classification_loss",
     "model_contract",
@@ -113,6 +115,11 @@ class MedfmModelMixin:
         """The smallest input ``(D, H, W)`` the model runs on (by default one multiple)."""
         return self.required_input_multiple(spacing)
 
+    def input_padding_step(self) -> dict[str, Any]:
+        """The processor step that pads any input to what this model needs (see
+        :meth:`medfm.processing.MedicalImageProcessor.padded_for`): the required multiple, background value."""
+        return {"name": "pad_to_multiple", "multiple": list(self.required_input_multiple()), "value": "min"}
+
     def check_input_shape(
         self, shape: Sequence[int], spacing: Sequence[float] | torch.Tensor | None = None
     ) -> None:
@@ -155,6 +162,15 @@ class MedfmModelMixin:
 
 class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
     """Base of medfm's own model classes: transformers' :class:`PreTrainedModel` plus the medfm contract."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; a self-contained adapter folder (see :func:`adapter_base_model`)
+        also loads as it is: its architecture from its ``config.json``, the base model's weights, its adapter."""
+        base = adapter_base_model(pretrained_model_name_or_path)
+        if base is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return _load_self_contained_adapter(cls, pretrained_model_name_or_path, base, args, kwargs)
 
 
 class InferredContract(MedfmModelMixin):
@@ -205,3 +221,57 @@ def model_contract(model: nn.Module) -> MedfmModelMixin:
         f"{type(model).__name__} is not a transformers model (no config): medfm's pipelines and training need "
         "a model with a config, best one whose class derives from medfm.models.modeling_utils.MedfmModelMixin"
     )
+
+
+#: The field of an adapter folder's ``config.json`` naming the model whose weights the adapter was trained on.
+ADAPTER_BASE_MODEL_KEY = "medfm_base_model"
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def adapter_base_model(folder: Any) -> str | None:
+    """The base model of a self-contained adapter folder, or ``None`` when ``folder`` is not one.
+
+    A self-contained adapter folder (what :func:`medfm.peft.save_adapter` writes) holds PEFT's adapter files
+    and the fine-tuned model's full ``config.json`` (its architecture: patch, channels, labels, decoder
+    widths), which names the base model in ``medfm_base_model``; it holds no full weights.
+    """
+    import json
+    import os
+
+    if not isinstance(folder, str | os.PathLike) or not os.path.isdir(folder):
+        return None
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return None
+    if any(os.path.isfile(os.path.join(folder, name)) for name in _WEIGHT_FILES):
+        return None
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as handle:
+        return json.load(handle).get(ADAPTER_BASE_MODEL_KEY)
+
+
+def _load_self_contained_adapter(cls: type, folder: Any, base: str, args: tuple, kwargs: dict) -> Any:
+    """The fine-tuned architecture (the folder's config) with the base model's weights (adapted at load time
+    as when fine-tuning began: new heads initialised, the patch kernel converted) and the folder's adapter."""
+    from transformers import PreTrainedConfig
+
+    config = kwargs.pop("config", None)
+    if not isinstance(config, PreTrainedConfig):
+        config = cls.config_class.from_pretrained(folder)
+    kwargs.pop("adapter_kwargs", None)  # the adapter is loaded below, from the folder
+    adapter_name = kwargs.pop("adapter_name", None)
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    from transformers.utils import logging
+
+    # The base lacks the task heads by design (the adapter brings them): its load report would only alarm.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = super(MedfmPreTrainedModel, cls).from_pretrained(base, *args, config=config, **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
+    model.load_adapter(str(folder), adapter_name=adapter_name)
+    model.name_or_path = str(folder)
+    return model

@@ -24,7 +24,7 @@ from ..io import MedicalVolume, as_volume, load_volume
 from ..io.volume import VolumeGeometry
 from .presets import get_preset
 from .spatial import undo_operations
-from .steps import ProcessingState, Step, step_from_dict
+from .steps import PadToMultiple, ProcessingState, Resize, Step, step_from_dict
 
 __all__ = ["MedicalBatchFeature", "MedicalImageProcessor", "ProcessedGrid"]
 
@@ -143,6 +143,36 @@ class MedicalImageProcessor(BaseImageProcessor):
             elif spec["name"] == "pad_to_multiple":
                 spatial.append({**spec, "mode": "constant", "value": 0.0})
         return MedicalImageProcessor(steps=spatial)
+
+    def padded_for(self, padding: dict[str, Any]) -> MedicalImageProcessor:
+        """This processor, made to bring every input to what a model needs.
+
+        ``padding`` is the ``pad_to_multiple`` step the model states (``model.input_padding_step()``). When the
+        processor already ends its spatial work with a resize to a size that is a multiple, or pads to a
+        multiple of the model's, it is returned as it is; otherwise the model's step is appended, so a
+        converted or fine-tuned model's own processor accepts ordinary volumes.
+        """
+        required = step_from_dict(dict(padding))
+        if not isinstance(required, PadToMultiple):
+            raise ValueError(f"expected a pad_to_multiple step; got {padding!r}")
+        for step in reversed(self.step_objects):
+            if isinstance(step, PadToMultiple):
+                same_rule = step.anisotropy_stride == required.anisotropy_stride
+                if same_rule and all(m % r == 0 for m, r in zip(step.multiple, required.multiple)):
+                    return self
+                break
+            if isinstance(step, Resize):
+                sizes_fit = all(n is not None and n % r == 0 for n, r in zip(step.size, required.multiple))
+                if sizes_fit and required.anisotropy_stride is None:
+                    return self
+                break
+        clone = MedicalImageProcessor(
+            steps=[*self.steps, required.to_dict()],
+            squeeze_2d=self.squeeze_2d,
+            allow_multichannel=self.allow_multichannel,
+        )
+        clone.preset = None
+        return clone
 
     @property
     def step_objects(self) -> list[Step]:

@@ -47,6 +47,8 @@ def _resize_2d(size: int, mode: str) -> dict[str, Any]:
 
 
 _RGB = {"name": "repeat_channels", "num_channels": 3}
+#: Padding a spacing-adaptive (SPAD) model needs: 16 in-plane, ``16 >> aniso_d`` in depth, the background value.
+_SPAD_PATCH_PAD = {"name": "pad_to_multiple", "multiple": 16, "anisotropy_stride": 16, "value": "min"}
 _TWO_X_MINUS_ONE = {"name": "scale_shift", "scale": 2.0, "shift": -1.0}
 _DIV_255 = {"name": "scale_shift", "scale": 1.0 / 255.0, "shift": 0.0}
 _PERCENTILE_01 = {"name": "percentile_clip", "lower": 0.5, "upper": 99.5, "above_min": True, "rescale": True}
@@ -73,15 +75,22 @@ _PRESET_LIST = [
     # --- SPAD / PUMIT (specs/spad.md §d) -----------------------------------------------------------
     Preset(
         "spad-pretrain",
-        "SPAD-ViT pre-training input: percentile clip to [0,1], grey to RGB, ImageNet mean/std.",
-        "spad.md §d (offline step 5, online)",
-        (_PERCENTILE_01, _RGB, {"name": "normalize", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+        "SPAD-ViT pre-trained model input: percentile clip to [0,1], grey to RGB, ImageNet mean/std, padded "
+        "with the background to the patch at the grid's anisotropy (16 in-plane, 16 >> aniso_d in depth).",
+        "spad.md §d (offline step 5, online); the padding is medfm's, so any volume runs",
+        (
+            _PERCENTILE_01,
+            _RGB,
+            {"name": "normalize", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            _SPAD_PATCH_PAD,
+        ),
     ),
     Preset(
         "spad-vt",
-        "SPAD-VT tokenizer input: percentile clip to [0,1], grey to RGB, then 2x-1.",
-        "spad.md §d (online)",
-        (_PERCENTILE_01, _RGB, _TWO_X_MINUS_ONE),
+        "SPAD-VT tokenizer input: percentile clip to [0,1], grey to RGB, then 2x-1, padded with the background "
+        "to the tokenizer's stride at the grid's anisotropy.",
+        "spad.md §d (online); the padding is medfm's, so any volume runs",
+        (_PERCENTILE_01, _RGB, _TWO_X_MINUS_ONE, _SPAD_PATCH_PAD),
     ),
     Preset(
         "spad-btcv",

@@ -381,25 +381,48 @@ class PadToMultiple(Step):
 
     ``value`` is a number, or ``"min"`` for each channel's minimum (a background that survives any
     normalisation). ``mode`` may also be ``"reflect"`` or ``"replicate"``.
+
+    ``anisotropy_stride`` (a spacing-adaptive model's total stride ``P``, e.g. 16 for SPAD) makes the depth
+    multiple follow the grid's anisotropy level as the model's patch does: ``max(P >> aniso_d, 1)``, and 1 for
+    a single slice; ``multiple`` then gives the in-plane multiples.
     """
 
     name: ClassVar[str] = "pad_to_multiple"
     multiple: list[int] | int = 16
     mode: str = "constant"
     value: float | str = 0.0
+    anisotropy_stride: int | None = None
 
     def __post_init__(self) -> None:
         self.multiple = [int(m) for m in _three(self.multiple, "multiple", self)]
         if any(m < 1 for m in self.multiple):
             raise self._fail(f"multiple {self.multiple} must be positive")
+        if self.anisotropy_stride is not None:
+            stride = int(self.anisotropy_stride)
+            if stride < 1 or stride & (stride - 1):
+                raise self._fail(f"anisotropy_stride must be a power of 2; got {self.anisotropy_stride}")
+            self.anisotropy_stride = stride
         if self.mode not in ("constant", "reflect", "replicate"):
             raise self._fail(f"mode {self.mode!r} is not constant, reflect or replicate")
         if isinstance(self.value, str) and self.value != "min":
             raise self._fail(f"value must be a number or 'min'; got {self.value!r}")
 
+    def multiple_for(self, shape: Sequence[int], spacing: Sequence[float]) -> list[int]:
+        """The multiple per axis for a grid of ``shape`` ``(D, H, W)`` and ``spacing``."""
+        multiple = list(self.multiple)  # type: ignore[arg-type]
+        if self.anisotropy_stride is not None:
+            from ..layers.anisotropy import aniso_d_from_spacing
+
+            if shape[0] == 1:
+                multiple[0] = 1
+            else:
+                level = aniso_d_from_spacing(spacing, max_stride=self.anisotropy_stride)
+                multiple[0] = max(self.anisotropy_stride >> level, 1)
+        return multiple
+
     def apply(self, state: ProcessingState) -> None:
         old = tuple(state.tensor.shape[1:])
-        pads = padding_to_multiple(old, self.multiple)  # type: ignore[arg-type]
+        pads = padding_to_multiple(old, self.multiple_for(old, state.spacing))
         if not any(before or after for before, after in pads):
             return
         if self.value == "min":

@@ -45,6 +45,14 @@ __all__ = [
 # LoRA/DoRA adapt the attention and SwiGLU projections of the transformer blocks.
 _BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.(q_proj|k_proj|v_proj|proj)|mlp\.(w1|w2|w3))"
 
+_CITATION = """@article{luo2023spadnets,
+  title   = {Building Universal Foundation Models for Medical Image Analysis with Spatially Adaptive Networks},
+  author  = {Luo, Lingxiao and Chen, Xuanzhong and Tang, Bingda and Chen, Xinsheng and Han, Rong and
+             Hu, Chengpeng and Li, Yujiang and Chen, Ting},
+  journal = {arXiv preprint arXiv:2312.07630},
+  year    = {2023}
+}"""
+
 FAMILY = ModelFamily(
     name="spad",
     title="SPAD / PUMIT (Luo et al., arXiv 2312.07630)",
@@ -58,7 +66,14 @@ FAMILY = ModelFamily(
         SpadVTConfig: {AutoModel: SpadVTModel},
     },
     converter="medfm.models.spad.convert_spad:convert_spad_checkpoint",
-    converter_options=(ConverterOption("tokenizer", "the SPAD-VT tokenizer checkpoint (simple-soft.ckpt)"),),
+    converter_options=(
+        ConverterOption("tokenizer", "the SPAD-VT tokenizer checkpoint (simple-soft.ckpt)"),
+        ConverterOption(
+            "reference",
+            "outputs of the original code to verify the conversion against (.safetensors with pixel_values, "
+            "spacing and last_hidden_state); the card states parity only then",
+        ),
+    ),
     objectives={
         "spad-vit": "medfm.training.objectives.spad:SpadMaskedImageModeling",
         "spad-vt": "medfm.training.objectives.spad:SpadTokenizerTraining",
@@ -77,4 +92,8 @@ FAMILY = ModelFamily(
     },
     model_cards=("spad-vit-base", "spad-vt"),
     load_hooks=(register_spad_weight_adaptation,),
+    citation=_CITATION,
+    # The original repository states no license for its code or weights.
+    license_name="upstream-unspecified",
+    license_link="https://github.com/function2-llx/PUMIT",
 )

@@ -307,6 +307,7 @@ def convert_spad_checkpoint(
     tokenizer: str | os.PathLike | None = None,
     config_overrides: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
+    reference: str | os.PathLike | None = None,
 ) -> Path:
     """Convert an upstream SPAD-ViT checkpoint (and optionally the SPAD-VT tokenizer) to a medfm folder.
 
@@ -321,9 +322,17 @@ def convert_spad_checkpoint(
         tokenizer: Upstream tokenizer checkpoint (``simple-soft.ckpt``).
         config_overrides: Config fields shapes cannot tell (``num_attention_heads`` for unusual widths...).
         trust_checkpoint: See :func:`load_original_state_dict`.
+        reference: Outputs of the original code on this checkpoint, to verify the conversion: a
+            ``.safetensors`` file with ``pixel_values`` (the backbone's input), ``spacing`` (optional) and
+            ``last_hidden_state`` (the original backbone's final-normed output). The card states parity
+            only when it was checked this way.
 
     Returns:
         The output folder.
+
+    Raises:
+        ValueError: The converted model does not reproduce ``reference`` (within 1e-4), or the reference file
+            lacks a key.
     """
     from ...hub import write_model_card
     from ...processing import MedicalImageProcessor
@@ -341,11 +350,16 @@ def convert_spad_checkpoint(
     if not has_mim_head:
         state = {k.removeprefix("spad_vit."): v for k, v in state.items()}
     model = _load_strict(model_class(config), state, checkpoint)
+    parity = _verify_against_reference(model, reference) if reference is not None else None
     model.save_pretrained(output)
     MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(output)
-    write_model_card(
-        "spad-vit-base", output, base_model=None, extra={"source_checkpoint": Path(checkpoint).name}
-    )
+    extra = {"source_checkpoint": Path(checkpoint).name}
+    if parity is not None:
+        extra["parity_statement"] = (
+            f"The conversion was verified against the original code's outputs given to the converter "
+            f"(`{Path(reference).name}`): max abs error {parity:.2e} on the final hidden states (tolerance 1e-4)."
+        )
+    write_model_card("spad-vit-base", output, base_model=None, extra=extra)
     if tokenizer is not None:
         tokenizer_state = convert_tokenizer_state_dict(load_original_state_dict(tokenizer, trust_checkpoint))
         tokenizer_model = _load_strict(
@@ -357,7 +371,12 @@ def convert_spad_checkpoint(
             "spad-vt",
             output / "tokenizer",
             base_model=None,
-            extra={"source_checkpoint": Path(tokenizer).name},
+            repo_id=output.name,
+            extra={
+                "model_name": f"{output.name} tokenizer (SPAD-VT)",
+                "source_checkpoint": Path(tokenizer).name,
+                "subfolder_argument": ', subfolder="tokenizer"',
+            },
         )
     (output / "conversion.json").write_text(
         json.dumps(
@@ -366,11 +385,37 @@ def convert_spad_checkpoint(
                 "tokenizer": Path(tokenizer).name if tokenizer else None,
                 "model_class": model_class.__name__,
                 "num_tensors": len(state),
+                "verified_max_abs_error": parity,
             },
             indent=2,
         )
     )
     return output
+
+
+def _verify_against_reference(model: torch.nn.Module, reference: str | os.PathLike) -> float:
+    """The max abs error of the converted backbone against the original code's outputs in ``reference``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(reference))
+    missing = sorted({"pixel_values", "last_hidden_state"} - set(tensors))
+    if missing:
+        raise UnsupportedFormatError(f"reference outputs lack {missing}", reference)
+    backbone = getattr(model, "spad_vit", model)
+    with torch.no_grad():
+        out = backbone(tensors["pixel_values"], spacing=tensors.get("spacing")).last_hidden_state
+    expected = tensors["last_hidden_state"]
+    if out.shape != expected.shape:
+        raise ValueError(
+            f"{reference}: reference last_hidden_state {tuple(expected.shape)} vs {tuple(out.shape)}"
+        )
+    error = float((out - expected).abs().max())
+    if not error <= 1e-4:
+        raise ValueError(
+            f"{reference}: the converted model does not reproduce the original outputs (max abs error {error:.3g} "
+            "> 1e-4); check the config overrides (--config)"
+        )
+    return error
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike):

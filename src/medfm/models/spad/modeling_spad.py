@@ -210,6 +210,13 @@ class SpadViTPreTrainedModel(MedfmPreTrainedModel):
             level = aniso_d_from_spacing(spacing, max_stride=self.config.patch_size[0])
         return patch_embed.patch_shape(level)
 
+    def input_padding_step(self) -> dict:
+        """A spacing-adaptive model pads depth to its patch at the grid's anisotropy (``P >> aniso_d``)."""
+        if not self.config.adaptive_patch_embed:
+            return super().input_padding_step()
+        size = self.config.patch_size[0]
+        return {"name": "pad_to_multiple", "multiple": size, "anisotropy_stride": size, "value": "min"}
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -366,8 +373,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
 
     def forward_packed(
         self,
-        volumes: list[torch.Tensor],
-        spacings: list | None = None,
+        volumes: torch.Tensor | list,
+        spacings: torch.Tensor | list | tuple | None = None,
         aniso_ds: list[int] | None = None,
         output_hidden_states: bool = False,
     ) -> SpadViTPackedOutput:
@@ -383,24 +390,59 @@ class SpadViTModel(SpadViTPreTrainedModel):
         grows with the square of the total length).
 
         Args:
-            volumes: The volumes.
-            spacings: One ``(z, y, x)`` spacing per volume (or ``None`` entries for 2D images).
+            volumes: The volumes, as any of: a list of tensors ``(C, D, H, W)`` / ``(C, H, W)``; a batched
+                tensor ``(B, C, D, H, W)`` (or ``(B, C, H, W)``), each sample one sequence; a
+                :class:`~medfm.io.MedicalVolume` or a list of them (or of tensors and volumes mixed). A
+                ``MedicalVolume`` brings its own spacing.
+            spacings: One ``(z, y, x)`` spacing per volume (``None`` entries for 2D images, or to take a
+                ``MedicalVolume``'s own), a ``(B, 3)`` tensor, or one spacing ``(z, y, x)`` for every volume.
+                Explicit values override a ``MedicalVolume``'s spacing.
             aniso_ds: Explicit anisotropy levels, overriding ``spacings``.
             output_hidden_states: Also return the embeddings and every block's output.
         """
+        weight = self.patch_embed.proj.weight
+        if isinstance(volumes, torch.Tensor):
+            if volumes.ndim not in (4, 5):
+                raise ValueError(
+                    "a batched tensor for forward_packed must be (B, C, D, H, W) or (B, C, H, W); "
+                    f"got {tuple(volumes.shape)} (pass a list for volumes of different shapes)"
+                )
+            volumes = list(volumes.unbind(0))
+        elif hasattr(volumes, "array") and hasattr(volumes, "spacing"):  # one MedicalVolume
+            volumes = [volumes]
+        volumes = list(volumes)
         if not volumes:
             raise ValueError("forward_packed needs at least one volume")
-        dtype = self.patch_embed.proj.weight.dtype
+        # Spacings: one per volume, or one for all (a (3,) tensor or three numbers).
+        one_tensor = isinstance(spacings, torch.Tensor) and spacings.ndim == 1
+        three_numbers = (
+            spacings is not None
+            and not isinstance(spacings, torch.Tensor)
+            and len(spacings) == 3
+            and all(value is not None and not hasattr(value, "__len__") for value in spacings)
+        )
+        if one_tensor or three_numbers:
+            spacings = [spacings] * len(volumes)
+        if spacings is not None and len(spacings) != len(volumes):
+            raise ValueError(f"got {len(spacings)} spacings for {len(volumes)} volumes")
         sequences, grids = [], []
         for index, volume in enumerate(volumes):
+            spacing = spacings[index] if spacings is not None else None
+            if not isinstance(volume, torch.Tensor):
+                if not (hasattr(volume, "array") and hasattr(volume, "spacing")):
+                    raise TypeError(
+                        f"volume {index} is a {type(volume).__name__}; expected a tensor or a MedicalVolume"
+                    )
+                if spacing is None:
+                    spacing = tuple(float(value) for value in volume.spacing)
+                volume = torch.tensor(volume.array)  # a copy, (C, D, H, W); a 2D image has D == 1
             if volume.ndim == 3:
                 volume = volume.unsqueeze(1)  # (C, H, W): one slice
             if volume.ndim != 4:
                 raise ValueError(
                     f"volume {index} must be (C, D, H, W) or (C, H, W); got {tuple(volume.shape)}"
                 )
-            volume = volume[None].to(dtype)
-            spacing = spacings[index] if spacings is not None else None
+            volume = volume[None].to(device=weight.device, dtype=weight.dtype)
             level = self.resolve_aniso_d(volume, spacing, aniso_ds[index] if aniso_ds is not None else None)
             tokens, grid = self.embed(volume, level)
             sequences.append(torch.cat([self.cls_token[0].to(tokens.dtype), tokens[0]]))

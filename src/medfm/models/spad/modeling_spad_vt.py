@@ -113,6 +113,11 @@ class SpadVTPreTrainedModel(MedfmPreTrainedModel):
     accepts_spacing = True
     pooling = "mean"
 
+    def input_padding_step(self) -> dict:
+        """Pads depth to the total stride at the grid's anisotropy (``P >> aniso_d``)."""
+        stride = self.config.total_stride
+        return {"name": "pad_to_multiple", "multiple": stride, "anisotropy_stride": stride, "value": "min"}
+
     def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
         """The tokenizer's total stride, in depth at the input's anisotropy level."""
         stride = self.config.total_stride
