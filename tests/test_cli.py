@@ -29,8 +29,21 @@ def test_inspect_json_and_dicom(ct_small_path: Path, capsys) -> None:
     assert main(["inspect", str(ct_small_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["modality"] == "CT"
-    assert info["shape (C, D, H, W)"] == [1, 1, 128, 128]
+    assert info["shape"] == [1, 1, 128, 128]
     assert info["min"] < -800  # Hounsfield units, not stored values
+    # Machine keys: snake_case names a program can index, with the affine.
+    assert all(key.isidentifier() and key == key.lower() for key in info), sorted(info)
+    assert {
+        "shape",
+        "spacing",
+        "orientation",
+        "affine",
+        "field_of_view",
+        "p0_5",
+        "p99_5",
+        "nan_voxels",
+    } <= set(info)
+    assert len(info["spacing"]) == 3 and len(info["affine"]) == 4 and info["orientation"] == "SPL"
 
 
 def test_preprocess_writes_processed_grid(mni_t1_path: Path, tmp_path: Path, capsys) -> None:

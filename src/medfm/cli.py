@@ -1,25 +1,35 @@
-"""The ``medfm`` command line: ``inspect``, ``preprocess``, ``presets``, ``demo``."""
+"""The ``medfm`` command line: ``inspect``, ``preprocess``, ``presets``, ``segment``, ``classify``, ``convert``,
+``demo``.
+
+The error contract: every failure exits with status 2 and prints one line on stderr that names the input and
+what to do, never a traceback (``medfm --debug ...`` prints the traceback). Errors of transformers and
+huggingface_hub are caught here, at the boundary, and shortened to the line that names the problem.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .errors import MedfmError
+from .errors import DeviceUnavailableError, MedfmError, ModelLoadError, ModelNotFoundError
 
-__all__ = ["convert_main", "main", "parse_config_overrides"]
+__all__ = ["check_device", "convert_main", "main", "parse_config_overrides"]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .io import load_volume
 
     volume = load_volume(args.file, allow_multichannel=args.multichannel, series_uid=args.series_uid)
-    info = volume.describe()
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(volume.to_dict(), indent=2))
         return 0
+    info = volume.describe()
     width = max(len(k) for k in info)
     for key, value in info.items():
         shown = f"{value:.6g}" if isinstance(value, float) else value
@@ -32,6 +42,13 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from .processing import MedicalImageProcessor
 
     if args.config:
+        if not Path(args.config).expanduser().exists() and _looks_like_path(args.config):
+            raise ModelNotFoundError(
+                "no such folder or file; --config takes a saved processor's folder or its "
+                "preprocessor_config.json (or use --preset)",
+                args.config,
+            )
+        _refuse_adapter_without_processor(args.config)
         processor = MedicalImageProcessor.from_pretrained(args.config)
     else:
         processor = MedicalImageProcessor.from_preset(args.preset)
@@ -60,11 +77,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from transformers import pipeline
-
-    import medfm  # noqa: F401  (registers the models and pipelines)
-
-    segmenter = pipeline("medical-segmentation", model=args.model, device=args.device)
+    segmenter = _load_pipeline("medical-segmentation", args.model, args.device, args.file)
     options = {"save_to": args.out, "overlap": args.overlap, "bfloat16": args.bf16}
     if args.roi_size:
         options["roi_size"] = args.roi_size
@@ -80,14 +93,214 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from transformers import pipeline
-
-    import medfm  # noqa: F401
-
-    classifier = pipeline("medical-image-classification", model=args.model, device=args.device)
-    for row in classifier(args.file, top_k=args.top_k):
+    if args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: give at least 1")
+    classifier = _load_pipeline("medical-image-classification", args.model, args.device, args.file)
+    rows = [
+        {"label": str(row["label"]), "score": float(row["score"])}
+        for row in classifier(args.file, top_k=args.top_k)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
         print(f"{row['score']:.4f}  {row['label']}")
     return 0
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` that torch does not know or this machine does not have, before any loading.
+
+    Args:
+        device: ``None`` (the default device), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"N"`` (CUDA device N),
+            ``"mps"``, or another torch device type.
+
+    Raises:
+        DeviceUnavailableError: The name is not a device, or the machine has no such device.
+    """
+    if device is None:
+        return
+    import torch
+
+    name = f"cuda:{device}" if device.isdigit() else device
+    try:
+        parsed = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailableError(
+            f"--device {device}: not a device name; use cpu, cuda, cuda:N or mps (or leave --device out)"
+        ) from None
+    kind = parsed.type
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        available, count = bool(torch.backends.mps.is_available()), 1
+    else:
+        backend = getattr(torch, kind, None)
+        is_available = getattr(backend, "is_available", None)
+        available = bool(is_available()) if callable(is_available) else False
+        count = int(backend.device_count()) if available and hasattr(backend, "device_count") else 0
+    if not available:
+        raise DeviceUnavailableError(
+            f"--device {device}: this machine has no {kind} device (torch {torch.__version__}); "
+            "use --device cpu, or leave --device out"
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise DeviceUnavailableError(
+            f"--device {device}: this machine has {count} {kind} device{'s' if count != 1 else ''} "
+            f"({kind}:0 to {kind}:{count - 1}); pick one of them"
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a ``--model`` value can only be a local path (a Hub id is ``name`` or ``org/name``)."""
+    if (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.endswith(("/", os.sep))
+        or os.sep in name.replace("/", "", 1)
+    ):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read {path.name} ({_first_line(error)})", path.parent) from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path.name} is not a JSON object", path.parent)
+    return value
+
+
+def _refuse_adapter_without_processor(folder: str) -> None:
+    """``preprocess --config`` needs a processor: an adapter folder without one gets a message saying so."""
+    path = Path(folder)
+    if (
+        path.is_dir()
+        and (path / "adapter_config.json").is_file()
+        and not (path / "preprocessor_config.json").is_file()
+    ):
+        raise ModelLoadError(
+            "is a PEFT adapter folder with no preprocessor_config.json; pass its base model's folder "
+            "(base_model_name_or_path in adapter_config.json) or a --preset",
+            folder,
+        )
+
+
+def _adapter_base_model(folder: Path) -> str | None:
+    """The base model a self-contained adapter folder (``medfm.peft.save_adapter``) names, if it is one."""
+    try:
+        from .models.modeling_utils import adapter_base_model
+    except ImportError:  # a medfm without self-contained adapters
+        return None
+    return adapter_base_model(folder)
+
+
+def _model_config(model: str, task: str) -> Any:
+    """Resolve ``--model`` (a folder, an adapter folder or a Hub id), load its config and check its task.
+
+    Raises:
+        ModelNotFoundError: No such folder (and not a Hub id that resolves).
+        ModelLoadError: The folder or Hub id holds no usable model or adapter.
+        WrongTaskError: The model is of another task.
+    """
+    from transformers import AutoConfig
+
+    from .tasks import check_task
+
+    path = Path(model).expanduser()
+    local = path.exists()
+    if not local and _looks_like_path(model):
+        raise ModelNotFoundError("no such folder; --model takes a model folder or a Hub id (org/name)", model)
+    if local and not path.is_dir():
+        raise ModelLoadError(
+            "is a file; --model takes the folder save_pretrained wrote (config.json, weights, "
+            "preprocessor_config.json) or a Hub id",
+            model,
+        )
+    architecture = None
+    config_source = model
+    if local and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        adapter = _read_json(path / "adapter_config.json")
+        architecture = (adapter.get("auto_mapping") or {}).get("base_model_class")
+        config_source = adapter.get("base_model_name_or_path")
+        if not config_source:
+            raise ModelLoadError(
+                "is a PEFT adapter folder whose adapter_config.json names no base_model_name_or_path; "
+                "merge the adapter (merge_and_unload) or save it with its base model",
+                model,
+            )
+        base = Path(config_source).expanduser()
+        if not base.is_dir() and _looks_like_path(config_source):
+            raise ModelNotFoundError(
+                f"is a PEFT adapter of base model {config_source}, which is not there; put the base model "
+                "there, or set base_model_name_or_path in adapter_config.json to its folder or Hub id",
+                model,
+            )
+    elif local and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            "has no config.json; --model takes the folder save_pretrained wrote (or a PEFT adapter folder)",
+            model,
+        )
+    elif local and not (path / "preprocessor_config.json").is_file():
+        raise ModelLoadError(
+            "has no preprocessor_config.json; save the model's processor beside it "
+            "(processor.save_pretrained(folder)), as the fine-tuning examples do",
+            model,
+        )
+    base_model = _adapter_base_model(path) if local else None
+    if base_model and not Path(base_model).expanduser().is_dir() and _looks_like_path(base_model):
+        raise ModelNotFoundError(
+            f"is an adapter of base model {base_model}, which is not there; put the base model back, or "
+            "merge the adapter into a full model folder (merge_and_unload, save_pretrained)",
+            model,
+        )
+    try:
+        config = AutoConfig.from_pretrained(config_source)
+    except Exception as error:  # transformers and huggingface_hub raise OSError, ValueError, HTTP errors...
+        if config_source != model:
+            raise ModelLoadError(f"its base model {config_source}: {_first_line(error)}", model) from error
+        if not local:
+            raise ModelNotFoundError(
+                f"no such folder, and not loadable from the Hub or its cache ({_first_line(error)})", model
+            ) from error
+        raise ModelLoadError(_first_line(error), model) from error
+    check_task(config, task, source=model, architecture=architecture)
+    return config
+
+
+def _load_pipeline(task: str, model: str, device: str | None, file: str) -> Any:
+    """The task's pipeline for ``--model`` on ``--device``, after checking them and the input ``file``."""
+    import medfm  # noqa: F401  (registers the models and pipelines)
+
+    from .errors import VolumeNotFoundError
+
+    if not Path(file).exists():  # before minutes of model loading
+        raise VolumeNotFoundError("no such file or folder", file)
+    check_device(device)
+    _model_config(model, task)
+    from transformers import pipeline
+    from transformers.utils import logging as transformers_logging
+
+    # A progress bar for loading weights is noise on a command line: stderr is for the error contract.
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        return pipeline(task, model=model, device=device)
+    except MedfmError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the model: {_first_line(error)}", model) from error
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -121,8 +334,6 @@ def parse_config_overrides(text: str) -> dict:
         ValueError: Not JSON, or not an object (the message names the option or file).
         OSError: A ``.json`` file that cannot be read.
     """
-    from pathlib import Path
-
     source = "--config"
     if text.endswith(".json"):
         source, text = text, Path(text).read_text()
@@ -138,13 +349,12 @@ def parse_config_overrides(text: str) -> dict:
 def convert_main(family: str, argv: Sequence[str] | None = None) -> int:
     """``medfm convert FAMILY ...`` as a stand-alone script (``conversion/convert_<family>_original_to_hf.py``):
     the same options and errors, under the script's own name."""
-    import os
-
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=os.path.basename(sys.argv[0]) or "convert",
         description=f"Convert an original {family} checkpoint to a medfm model folder (as `medfm convert {family}`).",
     )
     _add_convert_arguments(parser, only=family)
+    _add_debug(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     args.family, args.command, args.prog = family, "convert", parser.prog
     return _run(args)
@@ -189,13 +399,25 @@ def _add_convert_arguments(parser: argparse.ArgumentParser, only: str | None = N
     parser.set_defaults(func=_cmd_convert)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a usage error is one line on stderr, status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: Any = False) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="on an error, print the full traceback"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="medfm", description="Medical-imaging foundation models for transformers."
-    )
+    parser = _ArgumentParser(prog="medfm", description="Medical-imaging foundation models for transformers.")
     parser.add_argument("--version", action="version", version=f"medfm {__version__}")
+    _add_debug(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_reader_options(command: argparse.ArgumentParser) -> None:
@@ -242,8 +464,9 @@ def _parser() -> argparse.ArgumentParser:
     classify = commands.add_parser("classify", help="classify a 2D image or 3D volume with a medfm model")
     classify.add_argument("file", help="NIfTI file, DICOM file, or folder of DICOM slices")
     classify.add_argument("--model", required=True, help="model folder or Hub id (with its processor)")
-    classify.add_argument("--top-k", type=int, default=5, help="labels to print")
-    classify.add_argument("--device", default=None, help="e.g. cpu, cuda")
+    classify.add_argument("--top-k", type=int, default=5, help="labels to print (default 5)")
+    classify.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    classify.add_argument("--json", action="store_true", help="print a JSON list of {label, score}")
     classify.set_defaults(func=_cmd_classify)
 
     convert = commands.add_parser(
@@ -258,6 +481,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_outputs", help="output folder")
     demo.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     demo.set_defaults(func=_cmd_demo)
+    # --debug is accepted after the command too (`medfm segment ... --debug`).
+    for command in commands.choices.values():
+        _add_debug(command, default=argparse.SUPPRESS)
     return parser
 
 
@@ -266,11 +492,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(_parser().parse_args(argv))
 
 
-def _run(args: argparse.Namespace) -> int:
+#: Errors whose message is the whole story; any other exception also shows its type.
+_EXPECTED = (MedfmError, ValueError, OSError, KeyError, TypeError)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (a KeyError's without its quotes)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _message(error: BaseException) -> str:
+    line = _first_line(error)
+    if not isinstance(error, _EXPECTED):
+        line = f"{type(error).__name__}: {line} (run with --debug for the traceback)"
+    return line
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush does not fail."""
     try:
-        return args.func(args)
-    except (MedfmError, ValueError, OSError) as error:
-        print(f"{getattr(args, 'prog', None) or 'medfm ' + args.command}: error: {error}", file=sys.stderr)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    prog = getattr(args, "prog", None) or f"medfm {args.command}"
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`medfm presets -v | head -1`): nothing more to say, and nowhere to say it.
+        _silence_stdout()
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        else:
+            print(f"{prog}: error: {_message(error)}", file=sys.stderr)
         return 2
 
 

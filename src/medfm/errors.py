@@ -13,17 +13,22 @@ import os
 __all__ = [
     "CorruptFileError",
     "DatasetError",
+    "DeviceUnavailableError",
     "DicomSeriesError",
     "EmptySeriesError",
     "InvalidGeometryError",
     "InvalidIntensityError",
+    "LabelMapError",
     "MedfmError",
     "MixedSeriesError",
+    "ModelLoadError",
+    "ModelNotFoundError",
     "OverwriteInputError",
     "ProcessorConfigError",
     "UnsupportedFormatError",
     "VolumeNotFoundError",
     "VolumeShapeError",
+    "WrongTaskError",
 ]
 
 
@@ -87,3 +92,25 @@ class DatasetError(MedfmError, ValueError):
 
 class ProcessorConfigError(MedfmError, ValueError):
     """An image processor step or preset is unknown or has invalid parameters."""
+
+
+class LabelMapError(MedfmError, ValueError):
+    """An array given as a label map holds something else: non-integer values (probabilities, logits,
+    intensities) or one channel per class."""
+
+
+class WrongTaskError(MedfmError, ValueError):
+    """A model's head is not the one the task needs (a segmentation model given to a classifier, a pre-trained
+    backbone with no head given to either...)."""
+
+
+class DeviceUnavailableError(MedfmError, ValueError):
+    """A device name is not one torch knows, or names a device this machine does not have."""
+
+
+class ModelLoadError(MedfmError, OSError):
+    """A model folder or Hub id cannot be loaded (missing files, unreachable Hub, unusable adapter)."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model folder does not exist, and the name is not a Hub model either."""

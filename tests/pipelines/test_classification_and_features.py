@@ -61,3 +61,16 @@ def test_feature_extraction(tmp_path: Path, anatomical_path: Path) -> None:
     # anatomical.nii is 2 mm isotropic, 25 x 41 x 33 canonical -> padded to 32 x 48 x 48 -> aniso_d 0 -> 2 x 3 x 3 tokens
     assert out["tokens"].shape == (18, 32)
     assert "tokens" not in extract(str(anatomical_path))
+
+
+def test_a_model_of_another_task_is_refused(tmp_path) -> None:
+    """A segmentation model given to the classification pipeline used to print random scores."""
+    from transformers import pipeline
+
+    from medfm.errors import WrongTaskError
+
+    from ..common.tiny_models import save_tiny_segmentation_model
+
+    save_tiny_segmentation_model(tmp_path / "seg")
+    with pytest.raises(WrongTaskError, match="segmentation model"):
+        pipeline("medical-image-classification", model=str(tmp_path / "seg"))

@@ -341,6 +341,36 @@ class MedicalVolume:
             "nan voxels": int(self.array.size - finite.size),
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`describe` for programs (``medfm inspect --json``): snake_case keys, JSON values.
+
+        Keys: ``path``, ``modality``, ``shape`` (``[C, D, H, W]``), ``dtype``, ``spacing`` (``[z, y, x]`` mm),
+        ``orientation`` (axis codes of ``D, H, W``), ``affine`` (4x4, canonical voxel to world RAS+ mm),
+        ``source_orientation``, ``source_shape``, ``field_of_view`` (``[z, y, x]`` mm), ``min``, ``max``,
+        ``mean``, ``std``, ``p0_5``, ``p99_5``, ``nan_voxels``.
+        """
+        human = self.describe()
+        source_shape = human["source shape"]
+        return {
+            "path": human["path"],
+            "modality": human["modality"],
+            "shape": list(human["shape (C, D, H, W)"]),
+            "dtype": human["dtype"],
+            "spacing": list(human["spacing (z, y, x) mm"]),
+            "orientation": human["orientation"],
+            "affine": [[float(v) for v in row] for row in np.asarray(self.affine)],
+            "source_orientation": human["source orientation"],
+            "source_shape": [int(n) for n in source_shape] if source_shape is not None else None,
+            "field_of_view": list(human["field of view (z, y, x) mm"]),
+            "min": human["min"],
+            "max": human["max"],
+            "mean": human["mean"],
+            "std": human["std"],
+            "p0_5": human["p0.5"],
+            "p99_5": human["p99.5"],
+            "nan_voxels": human["nan voxels"],
+        }
+
 
 def _as_spacing(spacing: Sequence[float] | float, path: str | None = None) -> tuple[float, float, float]:
     values = np.atleast_1d(np.asarray(spacing, dtype=np.float64))

@@ -15,12 +15,29 @@ __all__ = ["MedicalPipeline"]
 
 class MedicalPipeline(Pipeline):
     """Base of medfm's pipelines: inputs are paths, volumes or arrays with ``spacing=``; the model's
-    :class:`~medfm.processing.MedicalImageProcessor` prepares them."""
+    :class:`~medfm.processing.MedicalImageProcessor` prepares them. Subclasses name their task in
+    ``_default_task``; a model of another task is refused when the pipeline is built."""
+
+    _default_task: str = "medical-feature-extraction"
 
     _load_image_processor = True
     _load_processor = False
     _load_tokenizer = False
     _load_feature_extractor = False
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # A model of another task (a segmentation model given to the classifier) is refused here, not left to
+        # produce plausible-looking numbers.
+        from ..tasks import check_task
+
+        task = getattr(self, "task", None) or self._default_task
+        source = getattr(self.model, "name_or_path", None) or None
+        # The saved architecture first: pipeline() builds the task's Auto class from any checkpoint (a
+        # classifier with a random head from a segmentation folder), so the loaded class alone would pass.
+        if getattr(self.model.config, "architectures", None):
+            check_task(self.model.config, task, source=source)
+        check_task(self.model, task, source=source)
 
     def preprocess(self, inputs: Any, spacing: Sequence[float] | None = None) -> dict[str, Any]:
         if self.image_processor is None:

@@ -24,6 +24,8 @@ class MedicalImageClassificationPipeline(MedicalPipeline):
         independent sigmoids for ``problem_type="multi_label_classification"``.
     """
 
+    _default_task = "medical-image-classification"
+
     def _sanitize_parameters(
         self, top_k: int | None = None, spacing: Sequence[float] | None = None, **kwargs
     ):

@@ -42,6 +42,8 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         name, voxel count and volume in ml), and, when asked, ``probabilities``, ``saved_to`` and ``overlay``.
     """
 
+    _default_task = "medical-segmentation"
+
     def _sanitize_parameters(
         self,
         roi_size: Sequence[int] | None = None,
