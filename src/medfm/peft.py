@@ -8,18 +8,28 @@
 Targets are a regex over the attention and MLP Linear layers of the transformer blocks (a bare suffix
 such as ``proj`` would also catch convolutions); ``modules_to_save`` lists the heads a task adds, so they
 train and save with the adapter.
+
+:func:`save_adapter` writes a self-contained adapter folder: PEFT's adapter (the trainable parameters only),
+the fine-tuned model's full ``config.json`` naming its base model, and (by the caller) the processor. It loads
+with no further arguments through ``AutoModelFor*.from_pretrained(folder)``, ``pipeline(task, model=folder)``,
+``medfm segment --model folder`` and ``peft.AutoPeftModel.from_pretrained(folder)``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig
 from torch import nn
 
+from .models.modeling_utils import ADAPTER_BASE_MODEL_KEY
 from .models.registry import family_of
 
-__all__ = ["adapter_targets", "lora_config", "trainable_heads"]
+__all__ = ["adapter_targets", "lora_config", "save_adapter", "trainable_heads"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -84,3 +94,44 @@ def lora_config(
     }
     settings.update(kwargs)
     return LoraConfig(**settings)
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, base_model: str, auto_class: type) -> Path:
+    """Save a PEFT-wrapped medfm model as a self-contained adapter folder.
+
+    The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (LoRA/DoRA weights and the
+    task heads of ``modules_to_save``: the trainable parameters only) and the fine-tuned model's full
+    ``config.json`` (patch, channels, labels, decoder widths...), which names ``base_model`` under
+    ``medfm_base_model``. The adapter config points PEFT at the folder itself and at the transformers Auto
+    class of the task (``auto_mapping``), so ``AutoPeftModel.from_pretrained(folder)`` needs neither an import
+    allow-list nor architecture overrides; the folder's own ``from_pretrained`` loads the base weights.
+
+    Args:
+        model: A :class:`peft.PeftModel` around a medfm model.
+        folder: Output folder.
+        base_model: Folder or Hub id of the weights the adapter was trained on (a local folder is stored as an
+            absolute path).
+        auto_class: The task's transformers Auto class (e.g. ``AutoModelForSemanticSegmentation``).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    config = copy.deepcopy(model.get_base_model().config)
+    config.architectures = [type(model.get_base_model()).__name__]  # what save_pretrained would record
+    setattr(
+        config,
+        ADAPTER_BASE_MODEL_KEY,
+        str(Path(base_model).resolve()) if Path(base_model).exists() else base_model,
+    )
+    config.save_pretrained(folder)
+    adapter_file = folder / "adapter_config.json"
+    adapter_config = json.loads(adapter_file.read_text())
+    adapter_config["base_model_name_or_path"] = str(folder.resolve())
+    adapter_config["auto_mapping"] = {
+        "base_model_class": auto_class.__name__,
+        "parent_library": "transformers",
+    }
+    temporary = adapter_file.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    os.replace(temporary, adapter_file)
+    return folder

@@ -15,7 +15,13 @@ import torch
 from ..errors import VolumeNotFoundError
 from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 
-__all__ = ["ClassificationSample", "GroupedBatchSampler", "anisotropy_group", "load_classification_items"]
+__all__ = [
+    "ClassificationSample",
+    "GroupedBatchSampler",
+    "anisotropy_group",
+    "load_classification_items",
+    "stratified_split",
+]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".dcm")
 
@@ -57,6 +63,34 @@ def load_classification_items(source: str | os.PathLike) -> tuple[list[tuple[Pat
         if not path.exists():
             raise VolumeNotFoundError("listed image is missing", path)
     return items, sorted({name for _, name in items})
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """(training, validation) indices holding out about ``val_fraction`` of each class.
+
+    Every class with at least two samples puts at least one in validation and keeps at least one for training;
+    a class with a single sample trains on it. The order within a class is a seeded shuffle.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"the validation fraction must be in [0, 1); got {val_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        by_class[int(label)].append(index)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        members = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        held = (
+            0
+            if len(members) < 2 or val_fraction == 0
+            else min(max(1, round(len(members) * val_fraction)), len(members) - 1)
+        )
+        val += members[:held]
+        train += members[held:]
+    return sorted(train), sorted(val)
 
 
 def anisotropy_group(sample: ClassificationSample) -> int:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VolumeNotFoundError, VolumeShapeError
+from ..errors import DatasetError, LabelMapError, VolumeNotFoundError, VolumeShapeError
 from ..io import load_volume
 
 __all__ = [
     "SegmentationSample",
     "VolumeCropSampler",
+    "check_label_values",
+    "load_segmentation_labels",
     "load_segmentation_pairs",
     "prepare_segmentation_sample",
 ]
@@ -72,6 +74,49 @@ def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]
             if not path.exists():
                 raise VolumeNotFoundError(f"listed training file is missing (pair {image.name})", path)
     return pairs
+
+
+def load_segmentation_labels(source: str | os.PathLike) -> dict[int, str] | None:
+    """The label names of a Decathlon ``dataset.json`` (``"labels": {"0": "background", "1": "spleen"}``), as
+    ``{0: "background", 1: "spleen"}``, or ``None`` when the source names none.
+
+    Raises:
+        DatasetError: The ``labels`` entry is not a map of integer values to names, or its values do not run
+            from 0 without gaps.
+    """
+    source = Path(source)
+    if source.is_dir():
+        source = source / "dataset.json"
+    if not source.is_file():
+        return None
+    entry = json.loads(source.read_text()).get("labels")
+    if not entry:
+        return None
+    try:
+        names = {int(value): str(name) for value, name in entry.items()}
+    except (AttributeError, ValueError):
+        raise DatasetError(
+            'its "labels" must map label values to names, e.g. {"0": "background", "1": "spleen"}', source
+        ) from None
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f'its "labels" values {sorted(names)} must run 0, 1, ... without gaps', source)
+    return dict(sorted(names.items()))
+
+
+def check_label_values(labels: torch.Tensor, num_labels: int, path: str | os.PathLike) -> None:
+    """Check that a label map only holds values in ``[0, num_labels)``.
+
+    Raises:
+        LabelMapError: A value outside the range; the message names the file, the values and ``--num-labels``.
+    """
+    values = torch.unique(labels)
+    bad = [int(v) for v in values if not 0 <= int(v) < num_labels]
+    if bad:
+        raise LabelMapError(
+            f"holds label value(s) {bad[:10]} outside [0, {num_labels}); the model has {num_labels} labels "
+            f"(--num-labels {num_labels}): raise --num-labels or fix the label map",
+            path,
+        )
 
 
 def prepare_segmentation_sample(

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 # The data pieces moved to medfm.data; importable from here as before.
-from ..data.classification import ClassificationSample, GroupedBatchSampler, load_classification_items
+from ..data.classification import (
+    ClassificationSample,
+    GroupedBatchSampler,
+    load_classification_items,
+    stratified_split,
+)
 from ..models.modeling_utils import model_contract
 
 __all__ = [
@@ -16,11 +21,18 @@ __all__ = [
     "GroupedBatchSampler",
     "evaluate_classification",
     "load_classification_items",
+    "stratified_split",
 ]
 
 
-def evaluate_classification(model: nn.Module, samples: Sequence[ClassificationSample]) -> dict[str, float]:
-    """Accuracy and (one-vs-rest, macro) ROC AUC of ``model`` on ``samples``, one at a time."""
+def evaluate_classification(
+    model: nn.Module, samples: Sequence[ClassificationSample]
+) -> dict[str, float | None]:
+    """Accuracy and (one-vs-rest, macro) ROC AUC of ``model`` on ``samples``, one at a time.
+
+    AUC needs a positive and a negative sample of some class: with a single class in ``samples`` it cannot be
+    computed and is ``None`` (``null`` in JSON), never NaN.
+    """
     device = next(model.parameters()).device
     contract = model_contract(model)
     probabilities, labels = [], []
@@ -32,13 +44,13 @@ def evaluate_classification(model: nn.Module, samples: Sequence[ClassificationSa
             labels.append(sample.label)
     scores = torch.stack(probabilities)
     targets = torch.tensor(labels)
-    result = {"accuracy": float((scores.argmax(1) == targets).float().mean())}
+    result: dict[str, float | None] = {"accuracy": float((scores.argmax(1) == targets).float().mean())}
     aucs = [
         _auc(scores[:, k], targets == k)
         for k in range(scores.shape[1])
         if 0 < int((targets == k).sum()) < len(targets)
     ]
-    result["auc"] = float(sum(aucs) / len(aucs)) if aucs else float("nan")
+    result["auc"] = float(sum(aucs) / len(aucs)) if aucs else None
     return result
 
 
