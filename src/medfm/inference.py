@@ -10,6 +10,8 @@ forward takes ``spacing``, and whether the model takes volumes or 2D slices (a 2
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -17,10 +19,36 @@ from torch import nn
 
 from .models.modeling_utils import model_contract
 
-__all__ = ["DEFAULT_ROI_EDGE", "check_roi_size", "default_roi_size", "sliding_window_logits"]
+__all__ = [
+    "DEFAULT_ROI_EDGE",
+    "check_roi_size",
+    "default_roi_size",
+    "progress_wanted",
+    "sliding_window_logits",
+]
 
 #: Default cap of the window edge, per axis, on the processed grid.
 DEFAULT_ROI_EDGE = 128
+
+
+#: Environment variables that mark a run nobody watches (continuous integration, a test runner).
+_UNATTENDED_ENV = ("CI", "PYTEST_CURRENT_TEST")
+
+
+def progress_wanted(stream=None) -> bool:
+    """Whether a person is likely watching ``stream`` (default ``sys.stderr``): it is a terminal, and the process
+    runs neither under pytest nor in CI (``CI`` set to anything but ``""``, ``0`` or ``false``).
+
+    Output redirected to a file or a pipe (a log) is not a terminal, so it gets no progress bar.
+    """
+    for name in _UNATTENDED_ENV:
+        if os.environ.get(name, "").strip().lower() not in ("", "0", "false"):
+            return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
 
 def default_roi_size(
@@ -85,7 +113,7 @@ def sliding_window_logits(
     sw_batch_size: int = 1,
     mode: str = "gaussian",
     bfloat16: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Logits ``(B, K, D, H, W)`` of processed volumes ``(B, C, D, H, W)`` (or one ``(C, D, H, W)``) by MONAI's
     blended sliding windows.
@@ -99,11 +127,14 @@ def sliding_window_logits(
         sw_batch_size: Windows per forward pass.
         mode: ``"gaussian"`` or ``"constant"`` blending.
         bfloat16: Run the model under bfloat16 autocast.
-        progress: Show a progress bar over windows.
+        progress: Show a progress bar (tqdm, on stderr) over the windows. ``None``: when a person is watching
+            (:func:`progress_wanted`: stderr is a terminal, not under pytest or CI), so tests and logs get none.
     """
     from monai.inferers import sliding_window_inference
 
     contract = model_contract(model)
+    if progress is None:
+        progress = progress_wanted()
     if pixel_values.ndim == 4:
         pixel_values = pixel_values[None]
     roi = check_roi_size(model, roi_size, spacing) if roi_size is not None else None

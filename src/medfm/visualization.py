@@ -2,7 +2,8 @@
 
 Needs matplotlib (the ``demo`` extra). Slices are shown as a radiologist reads them: axial and coronal
 with the patient's right on the image's left, superior and anterior at the top, and pixels drawn with
-their true aspect ratio.
+their true aspect ratio. Every panel carries orientation letters at its edges (S/I, A/P, R/L), and a
+single-slice input (a 2D image, a 1-slice volume) gets one panel: its own plane.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from .io.atomic import atomic_output
 from .io.orientation import transform_to_codes
 from .io.volume import MedicalVolume
 
-__all__ = ["save_orthogonal_slices"]
+__all__ = ["orientation_letters", "orthogonal_slices_figure", "save_orthogonal_slices"]
 
 # Display orientation: axis 0 runs head to feet, axis 1 anterior to posterior, axis 2 right to left.
 _DISPLAY_CODES = ("I", "P", "L")
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+# Each panel fixes one display axis and shows (row axis, column axis).
+_PANELS = (("axial", 0, 1, 2), ("coronal", 1, 0, 2), ("sagittal", 2, 0, 1))
 
 
 def _display_grid(volume: MedicalVolume, data: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -29,6 +33,22 @@ def _display_grid(volume: MedicalVolume, data: np.ndarray) -> tuple[np.ndarray, 
     return np.ascontiguousarray(transform.apply(data)), spacing  # type: ignore[return-value]
 
 
+def orientation_letters(volume: MedicalVolume) -> tuple[tuple[str, str], ...]:
+    """For each axis of the display grid, the patient directions at its first and last index, e.g.
+    ``(("S", "I"), ("A", "P"), ("R", "L"))``.
+
+    Derived from ``volume.orientation`` (the direction each canonical axis runs towards) and the permutation
+    and flips that take the canonical grid to the display grid.
+    """
+    transform = transform_to_codes(volume.affine, _DISPLAY_CODES)
+    letters = []
+    for axis, flip in zip(transform.perm, transform.flip):
+        end = volume.orientation[axis]
+        end = _OPPOSITE[end] if flip else end
+        letters.append((_OPPOSITE[end], end))
+    return tuple(letters)
+
+
 def _centre(labels: np.ndarray | None, shape: tuple[int, ...]) -> list[int]:
     if labels is not None and np.any(labels > 0):
         # The centre of the labelled region, so every panel shows some of it.
@@ -36,26 +56,20 @@ def _centre(labels: np.ndarray | None, shape: tuple[int, ...]) -> list[int]:
     return [n // 2 for n in shape]
 
 
-def save_orthogonal_slices(
+def orthogonal_slices_figure(
     volume: MedicalVolume,
-    path: str | os.PathLike,
     *,
     labels: MedicalVolume | np.ndarray | None = None,
     label_names: dict[int, str] | None = None,
     title: str | None = None,
     channel: int = 0,
     alpha: float = 0.4,
-) -> Path:
-    """Write a PNG with the axial, coronal and sagittal slices through the centre (of the labels, if given).
+):
+    """A matplotlib figure of the axial, coronal and sagittal slices through the centre (of the labels, if
+    given), or of the one plane of a single-slice input (a 2D image, a 1-slice volume).
 
-    Args:
-        volume: The image.
-        path: Output ``.png`` (written atomically; never over ``volume``'s source file).
-        labels: Optional label map on the same grid ``(D, H, W)`` / ``(1, D, H, W)``, drawn in colour.
-        label_names: Names for the legend, by label value.
-        title: Figure title.
-        channel: Which image channel to show.
-        alpha: Opacity of the labels.
+    Every panel carries orientation letters at its edges (:func:`orientation_letters`). Arguments as
+    :func:`save_orthogonal_slices`; the caller closes the figure (``matplotlib.pyplot.close``).
     """
     import matplotlib
 
@@ -64,6 +78,7 @@ def save_orthogonal_slices(
     from matplotlib.patches import Patch
 
     image, spacing = _display_grid(volume, volume.array[channel].astype(np.float32))
+    letters = orientation_letters(volume)
     label_data = None
     if labels is not None:
         label_array = labels.array if isinstance(labels, MedicalVolume) else np.asarray(labels)
@@ -73,26 +88,34 @@ def save_orthogonal_slices(
         label_data, _ = _display_grid(volume, label_array)
     finite = image[np.isfinite(image)]
     vmin, vmax = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    ci, cp, cl = _centre(label_data, image.shape)
+    centre = _centre(label_data, image.shape)
 
-    # (name, image slice, row spacing, column spacing); rows of each slice run I or P, columns P or L.
-    panels = [
-        ("axial", np.s_[ci, :, :], spacing[1], spacing[2]),
-        ("coronal", np.s_[:, cp, :], spacing[0], spacing[2]),
-        ("sagittal", np.s_[:, :, cl], spacing[0], spacing[1]),
-    ]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    # A single-slice input has one plane: the panel that fixes its one-voxel axis. Otherwise all three.
+    flat = [axis for axis, n in enumerate(image.shape) if n == 1]
+    panels = [panel for panel in _PANELS if panel[1] == flat[0]] if flat else list(_PANELS)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels), 4.4), facecolor="black", squeeze=False
+    )
     cmap = plt.get_cmap("tab10")
-    for axis, (name, index, row_mm, col_mm) in zip(axes, panels):
+    for axis, (name, fixed, rows, columns) in zip(axes[0], panels):
+        index = [slice(None)] * 3
+        index[fixed] = centre[fixed]
+        aspect = spacing[rows] / spacing[columns]
         axis.imshow(
-            image[index], cmap="gray", vmin=vmin, vmax=vmax, aspect=row_mm / col_mm, interpolation="nearest"
+            image[tuple(index)], cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest"
         )
         if label_data is not None:
-            plane = label_data[index]
+            plane = label_data[tuple(index)]
             colours = np.zeros((*plane.shape, 4))
             for value in np.unique(plane[plane > 0]):
                 colours[plane == value] = (*cmap((int(value) - 1) % 10)[:3], alpha)
-            axis.imshow(colours, aspect=row_mm / col_mm, interpolation="nearest")
+            axis.imshow(colours, aspect=aspect, interpolation="nearest")
+        # Orientation letters: the row axis's first index is at the top, the column axis's at the left.
+        style = dict(transform=axis.transAxes, color="yellow", fontsize=11, fontweight="bold")
+        axis.text(0.5, 0.98, letters[rows][0], ha="center", va="top", **style)
+        axis.text(0.5, 0.02, letters[rows][1], ha="center", va="bottom", **style)
+        axis.text(0.02, 0.5, letters[columns][0], ha="left", va="center", **style)
+        axis.text(0.98, 0.5, letters[columns][1], ha="right", va="center", **style)
         axis.set_title(name, color="white")
         axis.axis("off")
     if label_data is not None:
@@ -106,8 +129,40 @@ def save_orthogonal_slices(
     if title:
         figure.suptitle(title, color="white")
     figure.tight_layout()
+    return figure
+
+
+def save_orthogonal_slices(
+    volume: MedicalVolume,
+    path: str | os.PathLike,
+    *,
+    labels: MedicalVolume | np.ndarray | None = None,
+    label_names: dict[int, str] | None = None,
+    title: str | None = None,
+    channel: int = 0,
+    alpha: float = 0.4,
+) -> Path:
+    """Write a PNG with the axial, coronal and sagittal slices through the centre (of the labels, if given);
+    a single-slice input (a 2D image, a 1-slice volume) gets its one plane. Panels carry orientation letters.
+
+    Args:
+        volume: The image.
+        path: Output ``.png`` (written atomically; never over ``volume``'s source file).
+        labels: Optional label map on the same grid ``(D, H, W)`` / ``(1, D, H, W)``, drawn in colour.
+        label_names: Names for the legend, by label value.
+        title: Figure title.
+        channel: Which image channel to show.
+        alpha: Opacity of the labels.
+    """
+    import matplotlib.pyplot as plt
+
+    figure = orthogonal_slices_figure(
+        volume, labels=labels, label_names=label_names, title=title, channel=channel, alpha=alpha
+    )
     path = Path(path)
-    with atomic_output(path, inputs=[volume.source_path]) as tmp:
-        figure.savefig(tmp, format="png", dpi=100, facecolor="black")
-    plt.close(figure)
+    try:
+        with atomic_output(path, inputs=[volume.source_path]) as tmp:
+            figure.savefig(tmp, format="png", dpi=100, facecolor="black")
+    finally:
+        plt.close(figure)
     return path

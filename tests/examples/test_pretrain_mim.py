@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -234,8 +236,144 @@ def test_tokenizer_pretraining_then_mim_with_it(volumes: Path, tmp_path: Path) -
             "--save-every",
             "0",
             "--tokenizer",
-            str(tmp_path / "vt" / "model"),
+            str(tmp_path / "vt"),  # the run folder, as the README prints it
             *args,
         ]
     )
     assert len(mim_losses) == 3 and all(math.isfinite(x) for x in mim_losses)
+
+
+# --- the options tell the truth (issue 11, item 9) ------------------------------------------------------------
+
+TINY_VT = json.loads(TINY[TINY.index("--tokenizer-config") + 1])
+
+
+def _without(arguments: list[str], option: str) -> list[str]:
+    position = arguments.index(option)
+    return arguments[:position] + arguments[position + 2 :]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_layouts(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SPAD-VT saved where a tokenizer run and the converter put it."""
+    from medfm.models.spad import SpadVTConfig, SpadVTModel
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    tokenizer = SpadVTModel(SpadVTConfig(**TINY_VT))
+    tokenizer.save_pretrained(root / "vt-run" / "model")  # examples/pretrain_tokenizer.py --output vt-run
+    tokenizer.save_pretrained(root / "converted" / "tokenizer")  # convert_spad: MODEL/tokenizer
+    (root / "converted" / "config.json").write_text(json.dumps({"model_type": "spad_vit"}))
+    (root / "empty").mkdir()
+    return {"run": root / "vt-run", "converted": root / "converted", "empty": root / "empty"}
+
+
+def test_tokenizer_option_takes_a_run_folder_or_a_converted_model(tokenizer_layouts, tmp_path) -> None:
+    from medfm.training.pretraining import PretrainingOptionError, resolve_tokenizer
+
+    run, converted = tokenizer_layouts["run"], tokenizer_layouts["converted"]
+    assert resolve_tokenizer(str(run), "spad_vt") == str(run / "model")
+    assert resolve_tokenizer(str(run / "model"), "spad_vt") == str(run / "model")
+    assert resolve_tokenizer(str(converted), "spad_vt") == str(converted / "tokenizer")
+    assert resolve_tokenizer("org/spad-vt", "spad_vt") == "org/spad-vt"  # a Hub id passes through
+    with pytest.raises(PretrainingOptionError, match=r"--tokenizer .*empty: expected a 'spad_vt' tokenizer"):
+        resolve_tokenizer(str(tokenizer_layouts["empty"]), "spad_vt")
+    with pytest.raises(PretrainingOptionError, match=r"no such folder"):
+        resolve_tokenizer(str(tmp_path / "runs" / "spad-vt"), "spad_vt")
+
+
+def test_mim_run_with_the_tokenizer_run_folder(tokenizer_layouts, anatomical_path: Path, tmp_path) -> None:
+    """The README's command: --tokenizer names the tokenizer run's --output folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(anatomical_path, data / "anatomical.nii")
+    arguments = ["--data", str(data), "--output", str(tmp_path / "mim"), "--steps", "1", "--save-every", "0"]
+    arguments += ["--tokenizer", str(tokenizer_layouts["run"]), *_without(TINY, "--tokenizer-config")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = load_example("pretrain_mim").main([*arguments, "--warmup-steps", "0"])
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    assert not [w for w in caught if "random projection" in str(w.message)]
+    saved = json.loads((tmp_path / "mim" / "model" / "tokenizer" / "config.json").read_text())
+    assert saved["codebook_size"] == TINY_VT["codebook_size"] and saved["model_type"] == "spad_vt"
+
+
+def test_each_script_has_its_own_help_and_every_option_shows_its_default(capsys) -> None:
+    helps = {}
+    for name in ("pretrain_mim", "pretrain_tokenizer"):
+        with pytest.raises(SystemExit) as exit_info:
+            load_example(name).main(["--help"])
+        assert exit_info.value.code == 0
+        helps[name] = capsys.readouterr().out
+        # One block per option: its line and the help lines under it.
+        options = re.split(r"\n(?=  -)", helps[name].split("options:")[1].strip("\n"))
+        assert len(options) > 20
+        for line in options:
+            if line.startswith(("  -h", "  --data", "  --output")):  # help; the two required options
+                continue
+            assert "default" in " ".join(line.split()), line
+    assert "Pre-train the SPAD-VT soft tokenizer" in helps["pretrain_tokenizer"]
+    assert "Masked image modeling" in helps["pretrain_mim"]
+    # The tokenizer options apply to MIM only.
+    assert "--tokenizer " in helps["pretrain_mim"] and "--tokenizer-config" in helps["pretrain_mim"]
+    assert "--tokenizer" not in helps["pretrain_tokenizer"].split("options:")[1]
+    flat = {name: " ".join(text.split()) for name, text in helps.items()}
+    assert "128 for spad-vt" in flat["pretrain_tokenizer"] and "160 for spad-vit" in flat["pretrain_mim"]
+
+
+def test_tokenizer_training_refuses_tokenizer_options(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("pretrain_tokenizer").main(
+            ["--data", str(tmp_path), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --tokenizer" in capsys.readouterr().err
+
+
+def test_random_targets_and_a_warm_up_longer_than_the_run_warn(tmp_path: Path) -> None:
+    from medfm.errors import DatasetError
+
+    (tmp_path / "empty").mkdir()
+    arguments = ["--data", str(tmp_path / "empty"), "--output", str(tmp_path / "run"), *TINY, "--steps", "20"]
+    with pytest.warns(UserWarning) as caught, pytest.raises(DatasetError):
+        load_example("pretrain_mim").main(arguments)  # warm-up 20 of 20 steps, no --tokenizer
+    messages = [str(w.message) for w in caught]
+    assert any("no --tokenizer given" in m and "random projection" in m for m in messages), messages
+    assert any("--warmup-steps 20 >= --steps 20" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--config", "{hidden_size: 32}"], r"--config '\{hidden_size: 32\}' is not valid JSON"),
+        (["--config", "[1, 2]"], r"--config '\[1, 2\]' is a JSON list; expected a JSON object"),
+        (["--tokenizer-config", "nope"], r"--tokenizer-config 'nope' is not valid JSON"),
+        (["--model", "mae"], r"argument --model: invalid choice: 'mae'"),
+        (["--crop-size", "30"], r"--crop-size 30 must be a positive multiple of 16, .* \(e\.g\. 16 or 32\)"),
+        (["--crop-size", "8"], r"--crop-size 8 must be a positive multiple of 16, .* \(e\.g\. 16\)"),
+        (["--slice-probability", "1.5"], r"--slice-probability 1\.5 must be in \[0, 1\]"),
+        (["--steps", "0"], r"--steps 0 must be at least 1"),
+        (["--tokenizer", "/no/such/tokenizer"], r"--tokenizer /no/such/tokenizer: no such folder"),
+    ],
+)
+def test_bad_options_are_named_in_the_error(change: list[str], message: str, tmp_path, capsys) -> None:
+    arguments = ["--data", str(tmp_path), "--output", str(tmp_path / "run"), *TINY, *change]
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("pretrain_mim").main(arguments)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "usage: " in error
+    assert re.search(message, error), error
+    assert "processor" not in error and "pad_to_multiple" not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_pretraining_checks_options_itself(tmp_path) -> None:
+    """A caller that builds the namespace without the parser gets the same error, as an exception."""
+    from medfm.training.pretraining import PretrainingOptionError, pretraining_parser, run_pretraining
+
+    args = pretraining_parser("x", objective="spad-vit").parse_args(
+        ["--data", str(tmp_path), "--output", str(tmp_path / "run")]
+    )
+    args.crop_size = 30
+    with pytest.raises(PretrainingOptionError, match=r"--crop-size 30 must be a positive multiple of 16"):
+        run_pretraining(args)

@@ -9,63 +9,315 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
+from typing import Any
 
-__all__ = ["pretraining_parser", "run_pretraining"]
+from ..errors import MedfmError
+
+__all__ = [
+    "PretrainingOptionError",
+    "check_pretraining_options",
+    "pretraining_parser",
+    "resolve_tokenizer",
+    "run_pretraining",
+]
+
+
+class PretrainingOptionError(MedfmError, ValueError):
+    """A command-line option of a pre-training run has a value the run cannot use; the message names the
+    option, the value and what is allowed."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows every option's default, unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or (action.help and "default" in action.help):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _PretrainingParser(argparse.ArgumentParser):
+    """Checks the parsed options together (:func:`check_pretraining_options`) and reports a bad one as a usage
+    error (exit status 2), in the options' own terms."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        try:
+            check_pretraining_options(parsed)
+        except PretrainingOptionError as error:
+            self.error(str(error))
+        return parsed
 
 
 def pretraining_parser(description: str, *, objective: str) -> argparse.ArgumentParser:
-    """The options of a pre-training run; crop, depth and learning-rate defaults come from the chosen
-    objective's :class:`~medfm.training.objectives.DataRecipe`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", default=objective, help="objective name (see medfm.training.objectives)")
-    parser.add_argument("--data", required=True, help="folder of NIfTI/DICOM or a dataset.json")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--pretrained", help="initial weights (a medfm model folder or Hub id)")
+    """The options of a pre-training run whose default objective is ``objective``.
+
+    Crop, depth and learning-rate defaults come from the objective's
+    :class:`~medfm.training.objectives.DataRecipe`; ``--tokenizer`` and ``--tokenizer-config`` exist only for
+    objectives with a tokenizer (``tokenizer_model_type``). Parsing also checks the options together and
+    reports a bad value as a usage error naming the option.
+    """
+    from .objectives import OBJECTIVES
+
+    known = sorted(OBJECTIVES)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown pre-training objective {objective!r}; known: {known}")
+    cls = OBJECTIVES[objective]
+    recipe = cls.data_recipe()
+    parser = _PretrainingParser(description=description, formatter_class=_HelpFormatter)
     parser.add_argument(
-        "--tokenizer", help="SPAD-VT tokenizer folder for MIM targets (random projection if omitted)"
+        "--model",
+        default=objective,
+        choices=known,
+        help="pre-training objective",
     )
-    parser.add_argument("--config", default="{}", help="JSON of model config fields (e.g. a tiny model)")
-    parser.add_argument("--tokenizer-config", default="{}", help="JSON of tokenizer config fields")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=2, help="per process")
-    parser.add_argument("--accumulation-steps", type=int, default=1)
-    parser.add_argument("--crop-size", type=int, help="in-plane crop (default: the objective's)")
     parser.add_argument(
-        "--depth-tokens", type=int, help="tokens along depth in a 3D crop (default: the objective's)"
+        "--data",
+        required=True,
+        help="a folder of NIfTI files and DICOM series (searched recursively) or a dataset.json",
     )
-    parser.add_argument("--slice-probability", type=float, default=0.0, help="fraction of 2D-slice batches")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: the objective's)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--grad-clip", type=float, default=0.5)
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--keep-last", type=int, default=3)
-    parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument(
-        "--stop-after", type=int, help="stop after this step (the schedule still spans --steps)"
+        "--output",
+        required=True,
+        help="run folder: checkpoints/, logs/ and, at the end, the trained model in model/",
+    )
+    parser.add_argument(
+        "--pretrained",
+        help="initial weights: a medfm model folder or Hub id (default: random initialisation)",
+    )
+    if cls.tokenizer_model_type is not None:
+        parser.add_argument(
+            "--tokenizer",
+            help=(
+                "the frozen tokenizer whose soft tokens are the MIM targets: the --output folder of a "
+                "pretrain_tokenizer.py run, its model/ folder, or a converted model folder with a tokenizer/ "
+                "subfolder (default: none; the targets then come from a random projection, fine for smoke "
+                "tests only)"
+            ),
+        )
+        parser.add_argument(
+            "--tokenizer-config",
+            default="{}",
+            help="JSON object of config fields of the random-projection tokenizer used without --tokenizer",
+        )
+    parser.add_argument("--config", default="{}", help=cls.config_help)
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps; the schedule spans them")
+    parser.add_argument("--batch-size", type=int, default=2, help="volumes per batch, per process")
+    parser.add_argument(
+        "--accumulation-steps", type=int, default=1, help="batches accumulated into one optimizer step"
+    )
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        help=(
+            f"in-plane crop edge in voxels, a multiple of the model's stride {recipe.token_stride} "
+            f"(default: the objective's, {recipe.crop_size} for {objective})"
+        ),
+    )
+    parser.add_argument(
+        "--depth-tokens",
+        type=int,
+        help=f"tokens along depth in a 3D crop (default: the objective's, {recipe.depth_tokens} for {objective})",
+    )
+    parser.add_argument(
+        "--slice-probability",
+        type=float,
+        default=0.0,
+        help="fraction of batches made of 2D slices, in [0, 1]",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help=f"peak learning rate (default: the objective's, {recipe.learning_rate:g} for {objective})",
+    )
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=100,
+        help="linear warm-up steps before the cosine decay; keep it below --steps",
+    )
+    parser.add_argument(
+        "--grad-clip", type=float, default=0.5, help="max gradient norm; 0 turns clipping off"
+    )
+    parser.add_argument(
+        "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision"
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute the transformer blocks in the backward pass (less memory, more time)",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=500, help="write a checkpoint every this many steps; 0: never"
+    )
+    parser.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
+    parser.add_argument("--log-every", type=int, default=10, help="log metrics every this many steps")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        help="stop after this step; the schedule still spans --steps (default: run all --steps)",
     )
     parser.add_argument(
         "--resume_from_checkpoint",
         "--resume-from-checkpoint",
         dest="resume",
-        help="'latest' or a checkpoint folder",
+        help="'latest' (the newest in OUTPUT/checkpoints) or a checkpoint folder (default: start afresh)",
     )
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument(
-        "--losses-file", help="also write the losses (JSON) here; with N processes, one per rank"
+        "--seed", type=int, default=0, help="seed of the data stream, masks and initial weights"
     )
     parser.add_argument(
-        "--weights-digest-dir", help="write each rank's final weight digest here (DDP checks)"
+        "--losses-file",
+        help="also write the losses (JSON) here; with N processes, one per rank (default: not written)",
+    )
+    parser.add_argument(
+        "--weights-digest-dir",
+        help="write each rank's final weight digest here, for DDP checks (default: not written)",
     )
     return parser
 
 
+def _json_option(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    option = "--" + name.replace("_", "-")
+    text = getattr(args, name, None)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PretrainingOptionError(
+            f"{option} {text!r} is not valid JSON ({error.msg} at character {error.pos}); expected a JSON "
+            f"object of config fields, e.g. {option} '{{\"hidden_size\": 384}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise PretrainingOptionError(
+            f"{option} {text!r} is a JSON {type(value).__name__}; expected a JSON object of config fields, "
+            f"e.g. {option} '{{\"hidden_size\": 384}}'"
+        )
+    return value
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_tokenizer(value: str, model_type: str) -> str:
+    """The folder (or Hub id) ``--tokenizer value`` names, for a tokenizer of ``model_type``.
+
+    Accepted: the tokenizer folder itself, the ``--output`` folder of a tokenizer run (its ``model/``), a
+    converted model folder or a MIM run's ``model/`` (its ``tokenizer/``), a MIM run folder
+    (``model/tokenizer/``); a value that names no local path and looks like ``org/name`` is a Hub id.
+
+    Raises:
+        PretrainingOptionError: A local folder holding none of these (the message lists what was looked for).
+    """
+    path = Path(value).expanduser()
+    candidates = ("", "model", "tokenizer", os.path.join("model", "tokenizer"))
+    if path.is_dir():
+        for sub in candidates:
+            if _model_type(path / sub) == model_type:
+                return str(path / sub)
+        found = _model_type(path)
+        held = f"it holds a {found!r} model, not a {model_type!r}; " if found else ""
+        raise PretrainingOptionError(
+            f"--tokenizer {value}: {held}expected a {model_type!r} tokenizer folder (config.json with "
+            f"model_type {model_type!r}) here or in its model/, tokenizer/ or model/tokenizer/ subfolder: the "
+            "--output folder of examples/pretrain_tokenizer.py, or a converted model folder"
+        )
+    first = Path(value).parts[0] if Path(value).parts else value
+    hub_like = value.count("/") == 1 and not Path(first).exists() and not value.startswith((".", "/", "~"))
+    if path.exists() or not hub_like:
+        raise PretrainingOptionError(
+            f"--tokenizer {value}: no such folder; expected the --output folder of "
+            "examples/pretrain_tokenizer.py, its model/ folder, a converted model folder or a Hub id"
+        )
+    return value
+
+
+def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the options of a run (as :func:`pretraining_parser` makes them) together, before any data is read.
+
+    Returns:
+        The values the run uses: ``config`` and ``tokenizer_config`` (dicts), ``tokenizer`` (resolved by
+        :func:`resolve_tokenizer`, or ``None``), ``crop_size``, ``depth_tokens`` and ``learning_rate`` (the
+        objective's defaults filled in).
+
+    Raises:
+        PretrainingOptionError: The first bad option, named, with what is allowed.
+    """
+    from .objectives import OBJECTIVES
+
+    if args.model not in OBJECTIVES:
+        raise PretrainingOptionError(
+            f"--model {args.model!r} is not a pre-training objective; choose one of {sorted(OBJECTIVES)}"
+        )
+    cls = OBJECTIVES[args.model]
+    recipe = cls.data_recipe()
+    stride = recipe.token_stride
+    crop_size = args.crop_size if args.crop_size is not None else recipe.crop_size
+    if crop_size < stride or crop_size % stride:
+        lower, upper = (
+            max(stride, crop_size // stride * stride),
+            max(stride, -(-crop_size // stride) * stride),
+        )
+        nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
+        raise PretrainingOptionError(
+            f"--crop-size {crop_size} must be a positive multiple of {stride}, the total stride of "
+            f"{args.model}'s model (e.g. {nearest})"
+        )
+    depth_tokens = args.depth_tokens if args.depth_tokens is not None else recipe.depth_tokens
+    learning_rate = args.lr if args.lr is not None else recipe.learning_rate
+    at_least = {
+        "--steps": (args.steps, 1),
+        "--batch-size": (args.batch_size, 1),
+        "--accumulation-steps": (args.accumulation_steps, 1),
+        "--depth-tokens": (depth_tokens, 1),
+        "--warmup-steps": (args.warmup_steps, 0),
+        "--save-every": (args.save_every, 0),
+        "--keep-last": (args.keep_last, 1),
+        "--log-every": (args.log_every, 1),
+        "--num-workers": (args.num_workers, 0),
+        "--weight-decay": (args.weight_decay, 0),
+        "--grad-clip": (args.grad_clip, 0),
+    }
+    if args.stop_after is not None:
+        at_least["--stop-after"] = (args.stop_after, 1)
+    for option, (value, low) in at_least.items():
+        if value < low:
+            raise PretrainingOptionError(f"{option} {value} must be at least {low}")
+    if not learning_rate > 0:
+        raise PretrainingOptionError(f"--lr {learning_rate} must be positive")
+    if not 0 <= args.slice_probability <= 1:
+        raise PretrainingOptionError(f"--slice-probability {args.slice_probability} must be in [0, 1]")
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer is not None:
+        if cls.tokenizer_model_type is None:
+            raise PretrainingOptionError(f"--tokenizer does not apply to --model {args.model} (it has none)")
+        tokenizer = resolve_tokenizer(tokenizer, cls.tokenizer_model_type)
+    return {
+        "config": _json_option(args, "config"),
+        "tokenizer_config": _json_option(args, "tokenizer_config"),
+        "tokenizer": tokenizer,
+        "crop_size": crop_size,
+        "depth_tokens": depth_tokens,
+        "learning_rate": learning_rate,
+    }
+
+
 def run_pretraining(args: argparse.Namespace) -> list[float]:
-    """Run a pre-training job described by :func:`pretraining_parser`'s options; return this rank's losses."""
+    """Run a pre-training job described by :func:`pretraining_parser`'s options; return this rank's losses.
+
+    Raises:
+        PretrainingOptionError: A bad option (checked before any data is read or model built).
+    """
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env, set_seed
@@ -84,10 +336,25 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
 
     # The process-wide state is made here, before the Accelerator: pass the CPU flag the launcher set, or a
     # CPU multi-process run would not form its process group.
+    options = check_pretraining_options(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if args.model not in OBJECTIVES:
-        raise ValueError(f"unknown pre-training objective {args.model!r}; known: {sorted(OBJECTIVES)}")
-    recipe = OBJECTIVES[args.model].data_recipe()
+    cls = OBJECTIVES[args.model]
+    recipe = cls.data_recipe()
+    if cls.tokenizer_model_type is not None and options["tokenizer"] is None:
+        warnings.warn(
+            f"no --tokenizer given: the {args.model} targets come from a random projection (an untrained "
+            f"{cls.tokenizer_model_type} tokenizer), fine for a smoke test but not for real pre-training; "
+            "pass --tokenizer with the --output folder of examples/pretrain_tokenizer.py or a converted model",
+            UserWarning,
+            stacklevel=2,
+        )
+    if args.warmup_steps >= args.steps:
+        warnings.warn(
+            f"--warmup-steps {args.warmup_steps} >= --steps {args.steps}: the learning rate never reaches its "
+            "peak and never decays; use fewer warm-up steps than --steps",
+            UserWarning,
+            stacklevel=2,
+        )
     # Data first: an empty or unreadable source fails before any model is built.
     infos = probe_volumes(discover_volumes(args.data))
     data_processor = MedicalImageProcessor(steps=[dict(step) for step in recipe.steps])
@@ -95,8 +362,8 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     sampler = AnisotropyBatchSampler(
         infos,
         args.batch_size,
-        crop_size=args.crop_size or recipe.crop_size,
-        depth_tokens=args.depth_tokens or recipe.depth_tokens,
+        crop_size=options["crop_size"],
+        depth_tokens=options["depth_tokens"],
         patch=recipe.token_stride,
         slice_probability=args.slice_probability,
         seed=args.seed,
@@ -112,9 +379,9 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     objective = build_objective(
         args.model,
         model=args.pretrained,
-        tokenizer=args.tokenizer,
-        config=json.loads(args.config),
-        tokenizer_config=json.loads(args.tokenizer_config),
+        tokenizer=options["tokenizer"],
+        config=options["config"],
+        tokenizer_config=options["tokenizer_config"],
     )
     if args.activation_checkpointing:
         objective.enable_activation_checkpointing()
@@ -135,10 +402,10 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
 
     config = TrainingConfig(
         steps=args.steps,
-        learning_rate=args.lr if args.lr is not None else recipe.learning_rate,
+        learning_rate=options["learning_rate"],
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip,
+        grad_clip=args.grad_clip or None,  # 0: no clipping
         accumulation_steps=args.accumulation_steps,
         mixed_precision=args.mixed_precision,
         seed=args.seed,

@@ -119,3 +119,57 @@ def test_fused_rope_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FUSED_ROPE_ENV, "maybe")
     with pytest.raises(ValueError, match="auto, 1 or 0"):
         _fused_rope_wanted(x)
+
+
+def _assert_same_packed(a, b) -> None:
+    assert a.cu_seqlens.tolist() == b.cu_seqlens.tolist() and a.grids == b.grids
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_takes_a_batched_tensor() -> None:
+    """Each sample of a (B, C, D, H, W) batch is one sequence, as in the list form."""
+    torch.manual_seed(0)
+    model = SpadViTModel(SpadViTConfig(**TINY)).eval()
+    batch = torch.randn(2, 3, 16, 32, 48)
+    spacings = [(2.0, 0.5, 0.5), (4.0, 0.5, 0.5)]
+    with torch.no_grad():
+        listed = model.forward_packed(list(batch), spacings=spacings)
+        _assert_same_packed(model.forward_packed(batch, spacings=spacings), listed)
+        _assert_same_packed(model.forward_packed(batch, spacings=torch.tensor(spacings)), listed)
+        # One spacing for every sample.
+        same = model.forward_packed(list(batch), spacings=[(2.0, 0.5, 0.5)] * 2)
+        _assert_same_packed(model.forward_packed(batch, spacings=(2.0, 0.5, 0.5)), same)
+        _assert_same_packed(model.forward_packed(batch, spacings=torch.tensor([2.0, 0.5, 0.5])), same)
+        # A (B, C, H, W) image batch: each image one slice.
+        images = torch.randn(2, 3, 48, 64)
+        _assert_same_packed(model.forward_packed(images), model.forward_packed(list(images)))
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\) or \(B, C, H, W\)"):
+        model.forward_packed(torch.randn(3, 16, 32))
+    with pytest.raises(ValueError, match="3 spacings for 2 volumes"):
+        model.forward_packed(batch, spacings=[(2.0, 0.5, 0.5)] * 3)
+
+
+def test_packed_takes_medical_volumes() -> None:
+    """A MedicalVolume brings its array and its spacing; mixed with tensors in one list."""
+    from medfm.io import MedicalVolume
+    from medfm.io.volume import affine_from_spacing
+
+    torch.manual_seed(0)
+    model = SpadViTModel(SpadViTConfig(**TINY)).eval()
+    volumes = mixed_volumes()
+    medical = [MedicalVolume(array=v.numpy(), affine=affine_from_spacing(s)) for v, s in volumes[:2]] + [
+        MedicalVolume(array=volumes[2][0][:, None].numpy(), affine=affine_from_spacing((1.0, 0.8, 0.8)))
+    ]
+    with torch.no_grad():
+        listed = model.forward_packed([v for v, _ in volumes], spacings=[s for _, s in volumes])
+        _assert_same_packed(model.forward_packed(medical), listed)  # spacings from the volumes
+        mixed = [medical[0], volumes[1][0], medical[2]]
+        _assert_same_packed(model.forward_packed(mixed, spacings=[None, (1.0, 1.0, 1.0), None]), listed)
+        one = model.forward_packed(medical[0])
+        _assert_same_packed(one, model.forward_packed([volumes[0][0]], spacings=[volumes[0][1]]))
+        # Explicit spacings override the volumes' own: 4 mm slices give another anisotropy level.
+        other = model.forward_packed([medical[0]], spacings=[(4.0, 0.5, 0.5)])
+        assert other.grids[0] != one.grids[0]
+    with pytest.raises(TypeError, match="expected a tensor or a MedicalVolume"):
+        model.forward_packed([volumes[0][0].numpy()])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -67,6 +67,13 @@ class PretrainingObjective(nn.Module):
 
     #: AdamW betas.
     betas: tuple[float, float] = (0.9, 0.999)
+
+    #: ``model_type`` of the frozen tokenizer whose outputs are the targets (``--tokenizer``), if the objective
+    #: has one; ``None`` for objectives without a tokenizer (the run then offers no ``--tokenizer`` option).
+    tokenizer_model_type: ClassVar[str | None] = None
+
+    #: Help text of ``--config``: what its JSON object may set.
+    config_help: ClassVar[str] = "JSON object of model config fields (e.g. a tiny model)"
 
     @classmethod
     def build(

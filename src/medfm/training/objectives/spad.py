@@ -63,6 +63,9 @@ class SpadMaskedImageModeling(PretrainingObjective):
     ``aniso_d``; the loss is the soft-target cross-entropy at the masked tokens.
     """
 
+    tokenizer_model_type = "spad_vt"
+    config_help = "JSON object of SPAD-ViT config fields, e.g. '{\"hidden_size\": 384}' for a smaller model"
+
     def __init__(self, mim: nn.Module):
         super().__init__()
         self.mim = mim
@@ -146,6 +149,11 @@ class SpadTokenizerTraining(PretrainingObjective):
     The perceptual (LPIPS) and adversarial terms of upstream are not included: LPIPS needs ImageNet-trained
     network weights, which medfm does not download.
     """
+
+    config_help = (
+        "JSON object of SPAD-VT config fields (e.g. codebook_size) and the loss weights quant_weight and "
+        "entropy_weight"
+    )
 
     def __init__(self, tokenizer: nn.Module, quant_weight: float = 0.03, entropy_weight: float = 1.0):
         super().__init__()
