@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ __all__ = [
     "PackedSequenceOutput",
     "block_diagonal_mask",
     "pack_sequences",
+    "packed_inputs",
     "register_varlen_attention",
     "varlen_attention_forward",
     "varlen_backend",
@@ -196,3 +198,57 @@ def pack_sequences(
     else:
         kwargs = {"attention_mask": block_diagonal_mask(cu_seqlens, hidden.dtype)}
     return hidden, cu_seqlens, kwargs
+
+
+def packed_inputs(volumes: Any, spacings: Any = None) -> list[tuple[torch.Tensor, Any]]:
+    """What a packed forward takes, as ``(volume, spacing)`` pairs with ``(C, D, H, W)`` volumes.
+
+    ``volumes``: a list of tensors ``(C, D, H, W)`` / ``(C, H, W)``, a batched tensor ``(B, C, D, H, W)`` /
+    ``(B, C, H, W)`` (each sample a sequence), a :class:`~medfm.io.MedicalVolume` (recognised by its ``array`` and
+    ``spacing``) or a list mixing them. ``spacings``: one per volume (``None`` entries for 2D images or to take a
+    volume's own), a ``(B, 3)`` tensor, or one ``(z, y, x)`` for all; explicit values override a volume's own.
+
+    Raises:
+        ValueError: No volume, a wrong shape, or as many spacings as volumes missing.
+        TypeError: A volume that is neither a tensor nor a MedicalVolume.
+    """
+    if isinstance(volumes, torch.Tensor):
+        if volumes.ndim not in (4, 5):
+            raise ValueError(
+                "a batched tensor of volumes must be (B, C, D, H, W) or (B, C, H, W); "
+                f"got {tuple(volumes.shape)} (pass a list for volumes of different shapes)"
+            )
+        volumes = list(volumes.unbind(0))
+    elif hasattr(volumes, "array") and hasattr(volumes, "spacing"):  # one MedicalVolume
+        volumes = [volumes]
+    volumes = list(volumes)
+    if not volumes:
+        raise ValueError("nothing to pack: at least one volume is needed")
+    one_tensor = isinstance(spacings, torch.Tensor) and spacings.ndim == 1
+    three_numbers = (
+        spacings is not None
+        and not isinstance(spacings, torch.Tensor)
+        and len(spacings) == 3
+        and all(value is not None and not hasattr(value, "__len__") for value in spacings)
+    )
+    if one_tensor or three_numbers:
+        spacings = [spacings] * len(volumes)
+    if spacings is not None and len(spacings) != len(volumes):
+        raise ValueError(f"got {len(spacings)} spacings for {len(volumes)} volumes")
+    pairs = []
+    for index, volume in enumerate(volumes):
+        spacing = spacings[index] if spacings is not None else None
+        if not isinstance(volume, torch.Tensor):
+            if not (hasattr(volume, "array") and hasattr(volume, "spacing")):
+                raise TypeError(
+                    f"volume {index} is a {type(volume).__name__}; expected a tensor or a MedicalVolume"
+                )
+            if spacing is None:
+                spacing = tuple(float(value) for value in volume.spacing)
+            volume = torch.tensor(volume.array)  # a copy, (C, D, H, W); a 2D image has D == 1
+        if volume.ndim == 3:
+            volume = volume.unsqueeze(1)  # (C, H, W): one slice
+        if volume.ndim != 4:
+            raise ValueError(f"volume {index} must be (C, D, H, W) or (C, H, W); got {tuple(volume.shape)}")
+        pairs.append((volume, spacing))
+    return pairs

@@ -34,7 +34,7 @@ from ...layers.mlp import SwiGLU
 from ...layers.patch_embed import check_divisible
 from ...layers.position import resample_position_grid
 from ...layers.rope import Rope3D, TokenRotation
-from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences
+from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences, packed_inputs
 from ..modeling_utils import MedfmPreTrainedModel, as_volume, classification_loss
 from .configuration_spad import SpadViTConfig
 from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
@@ -401,47 +401,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
             output_hidden_states: Also return the embeddings and every block's output.
         """
         weight = self.patch_embed.proj.weight
-        if isinstance(volumes, torch.Tensor):
-            if volumes.ndim not in (4, 5):
-                raise ValueError(
-                    "a batched tensor for forward_packed must be (B, C, D, H, W) or (B, C, H, W); "
-                    f"got {tuple(volumes.shape)} (pass a list for volumes of different shapes)"
-                )
-            volumes = list(volumes.unbind(0))
-        elif hasattr(volumes, "array") and hasattr(volumes, "spacing"):  # one MedicalVolume
-            volumes = [volumes]
-        volumes = list(volumes)
-        if not volumes:
-            raise ValueError("forward_packed needs at least one volume")
-        # Spacings: one per volume, or one for all (a (3,) tensor or three numbers).
-        one_tensor = isinstance(spacings, torch.Tensor) and spacings.ndim == 1
-        three_numbers = (
-            spacings is not None
-            and not isinstance(spacings, torch.Tensor)
-            and len(spacings) == 3
-            and all(value is not None and not hasattr(value, "__len__") for value in spacings)
-        )
-        if one_tensor or three_numbers:
-            spacings = [spacings] * len(volumes)
-        if spacings is not None and len(spacings) != len(volumes):
-            raise ValueError(f"got {len(spacings)} spacings for {len(volumes)} volumes")
         sequences, grids = [], []
-        for index, volume in enumerate(volumes):
-            spacing = spacings[index] if spacings is not None else None
-            if not isinstance(volume, torch.Tensor):
-                if not (hasattr(volume, "array") and hasattr(volume, "spacing")):
-                    raise TypeError(
-                        f"volume {index} is a {type(volume).__name__}; expected a tensor or a MedicalVolume"
-                    )
-                if spacing is None:
-                    spacing = tuple(float(value) for value in volume.spacing)
-                volume = torch.tensor(volume.array)  # a copy, (C, D, H, W); a 2D image has D == 1
-            if volume.ndim == 3:
-                volume = volume.unsqueeze(1)  # (C, H, W): one slice
-            if volume.ndim != 4:
-                raise ValueError(
-                    f"volume {index} must be (C, D, H, W) or (C, H, W); got {tuple(volume.shape)}"
-                )
+        for index, (volume, spacing) in enumerate(packed_inputs(volumes, spacings)):
             volume = volume[None].to(device=weight.device, dtype=weight.dtype)
             level = self.resolve_aniso_d(volume, spacing, aniso_ds[index] if aniso_ds is not None else None)
             tokens, grid = self.embed(volume, level)
