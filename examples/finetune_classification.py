@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from medfm.training.arguments import (
@@ -161,4 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from medfm.errors import MedfmError
+
+    try:
+        main()
+    except MedfmError as error:  # bad data or options: one line naming the file and the fix, exit 2
+        print(f"finetune_classification.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

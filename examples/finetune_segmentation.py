@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from medfm.training.arguments import (
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import AutoModelForSemanticSegmentation
 
     from medfm.cli import parse_config_overrides
-    from medfm.data.segmentation import check_label_values, load_segmentation_labels
+    from medfm.data.segmentation import check_label_values, load_modality, load_segmentation_labels
     from medfm.errors import DatasetError
     from medfm.hub import CardInfo, write_model_card
     from medfm.processing import MedicalImageProcessor
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     "labels": ", ".join(f"{k}: {v}" for k, v in trained.config.id2label.items()),
                 },
                 validation_size=len(val_samples),
+                modality=load_modality(args.data),
             ),
         )
         (output / "metrics.json").write_text(json.dumps(final, indent=2))
@@ -219,4 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from medfm.errors import MedfmError
+
+    try:
+        main()
+    except MedfmError as error:  # bad data or options: one line naming the file and the fix, exit 2
+        print(f"finetune_segmentation.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

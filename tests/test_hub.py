@@ -153,3 +153,38 @@ def test_a_failed_upload_keeps_the_prepared_folder(tmp_path: Path, monkeypatch) 
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
         p.name for p in kept.iterdir()
     }
+
+
+def test_pushing_an_adapter_uploads_a_self_contained_folder(tmp_path: Path) -> None:
+    """A PEFT model pushed as the README's Quickstart does: the fine-tuned config naming its base, PEFT pointed
+    at the repository, and a card that says what the folder is (an adapter, its own task, its real size)."""
+    import json
+
+    from peft import get_peft_model
+
+    import medfm.peft
+
+    SpadViTForSemanticSegmentation(tiny_segmentation_config()).save_pretrained(tmp_path / "base")
+    base = SpadViTForSemanticSegmentation.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, medfm.peft.lora_config(base, r=2))
+    api = RecordingApi(tmp_path / "commits")
+    push_to_hub(model, "org/tissue-lora", processor=tiny_segmentation_processor(), api=api)
+    folder = tmp_path / "commits" / "org--tissue-lora"
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+    } <= names
+    assert "model.safetensors" not in names
+    assert (
+        json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "org/tissue-lora"
+    )
+    assert json.loads((folder / "config.json").read_text())["medfm_base_model"] == str(
+        (tmp_path / "base").resolve()
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "image-segmentation" and card.data.license_name
+    assert "**adapter**" in card.text and 'pipeline("medical-segmentation"' in card.text

@@ -72,8 +72,9 @@ def pipeline_tag_for(architecture: str | None) -> tuple[str, str] | None:
     return None
 
 
-def _parameter_count(folder: Path) -> int | None:
-    weights = sorted(folder.glob("*.safetensors"))
+def _parameter_count(folder: Path, adapter: bool = False) -> int | None:
+    """Parameters in the folder's full weights, or (``adapter``) in its adapter file."""
+    weights = sorted(p for p in folder.glob("*.safetensors") if p.name.startswith("adapter_") == adapter)
     if not weights:
         return None
     from safetensors import safe_open
@@ -100,11 +101,19 @@ def _size_name(config: Any) -> str:
     return f"reduced ({width}-wide)" if width else "custom-size"
 
 
-def _architecture(config: Any, parameters: int | None) -> str:
+def _architecture(config: Any, parameters: int | None, adapter_parameters: int | None = None) -> str:
     fields = [f"{f.replace('_', ' ')} {getattr(config, f)}" for f in _SIZE_FIELDS if hasattr(config, f)]
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     count = f"; {parameters / 1e6:.2f} M parameters" if parameters is not None else ""
-    return f"`{architecture}` ({', '.join(fields)}{count})"
+    text = f"`{architecture}` ({', '.join(fields)}{count})"
+    if adapter_parameters is not None:
+        base = getattr(config, "medfm_base_model", None) or "its base model"
+        text += (
+            f". This folder is an **adapter**: {adapter_parameters / 1e6:.2f} M trained parameters (LoRA/DoRA "
+            f"weights and the task head) on the weights of `{base}`, which loading fetches; "
+            "`peft.AutoPeftModel.from_pretrained` loads it too."
+        )
+    return text
 
 
 def _labels_section(config: Any) -> str:
@@ -154,7 +163,10 @@ def folder_facts(folder: str | os.PathLike) -> dict[str, Any]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    facts["architecture"] = _architecture(config, _parameter_count(folder))
+    adapter = (folder / "adapter_config.json").is_file()
+    facts["architecture"] = _architecture(
+        config, _parameter_count(folder), _parameter_count(folder, adapter=True) if adapter else None
+    )
     facts["size_name"] = _size_name(config)
     facts["codebook_size"] = str(getattr(config, "codebook_size", ""))
     facts["labels_section"] = _labels_section(config)

@@ -7,6 +7,7 @@ model-index results, training settings) and uploads them in one commit.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import math
 import os
@@ -177,7 +178,7 @@ def push_to_hub(
         raise HubUploadError(f"cannot create or reach {repo_id} on the Hub ({_first_line(error)})") from error
     folder = Path(tempfile.mkdtemp(prefix="medfm-push-"))
     try:
-        model.save_pretrained(folder)
+        _save_for_hub(model, folder, repo_id)
         if processor is not None:
             processor.save_pretrained(folder)
         write_model_card(info.template, folder, repo_id=repo_id, info=info)
@@ -196,6 +197,29 @@ def push_to_hub(
         ) from error
     shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def _save_for_hub(model: Any, folder: Path, repo_id: str) -> None:
+    """``model.save_pretrained``; a PEFT model is saved as a self-contained adapter folder (the fine-tuned
+    config naming its base, see :func:`medfm.peft.save_adapter`) whose adapter config names the repository."""
+    if not callable(getattr(model, "get_base_model", None)):
+        model.save_pretrained(folder)
+        return
+    import json
+
+    from .models.registry import family_of
+    from .peft import save_adapter
+
+    base = model.get_base_model()
+    models = family_of(base).configs[type(base.config)]
+    auto_class = next(auto for auto, cls in models.items() if cls is type(base))
+    config = model.peft_config[model.active_adapter]
+    source = getattr(base.config, "medfm_base_model", None) or config.base_model_name_or_path
+    save_adapter(model, folder, base_model=str(source), auto_class=auto_class)
+    adapter_file = folder / "adapter_config.json"
+    settings = json.loads(adapter_file.read_text())
+    settings["base_model_name_or_path"] = repo_id  # the uploaded folder is itself what PEFT loads
+    adapter_file.write_text(json.dumps(settings, indent=2))
 
 
 class HubUploadError(MedfmError, ConnectionError):
@@ -257,6 +281,8 @@ def write_model_card(
     base_ids = hub_ids(base)
     card.data.base_model = base_ids[0] if base_ids else None
     if info is not None:
+        if info.task_type == CardInfo.task_type and "_pipeline_tag" in facts:
+            info = dataclasses.replace(info, task_type=facts["_pipeline_tag"])  # the model's own task
         card = _enrich(card, info, name)
     with atomic_output(folder / "README.md") as tmp:
         Path(tmp).write_text(str(card))
@@ -275,5 +301,6 @@ def _validation_section(info: CardInfo) -> str:
     if info.modality:
         lines.append(f"- Modality: {info.modality}")
     if info.validation_size is not None:
-        lines.append(f"- Validation: {info.validation_size} held-out cases, never seen in training")
+        cases = "case" if info.validation_size == 1 else "cases"
+        lines.append(f"- Validation: {info.validation_size} held-out {cases}, never seen in training")
     return ("## Data\n\n" + "\n".join(lines) + "\n") if lines else ""

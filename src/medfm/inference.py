@@ -17,10 +17,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .errors import MedfmError
 from .models.modeling_utils import model_contract
+
+
+class NonFiniteOutputError(MedfmError, ArithmeticError):
+    """A model produced NaN or Inf where an answer was expected."""
+
 
 __all__ = [
     "DEFAULT_ROI_EDGE",
+    "NonFiniteOutputError",
     "check_roi_size",
     "default_roi_size",
     "progress_wanted",
@@ -159,4 +166,10 @@ def sliding_window_logits(
             mode=mode,
             progress=progress,
         )
-    return logits.float()
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputError(
+            f"{type(contract).__name__} produced non-finite logits (NaN or Inf) on this input; a label map made "
+            "from them would be meaningless (check the model's weights and config, e.g. layer_norm_eps > 0)"
+        )
+    return logits

@@ -18,6 +18,7 @@ __all__ = [
     "SegmentationSample",
     "VolumeCropSampler",
     "check_label_values",
+    "load_modality",
     "load_segmentation_labels",
     "load_segmentation_pairs",
     "prepare_segmentation_sample",
@@ -74,6 +75,21 @@ def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]
             if not path.exists():
                 raise VolumeNotFoundError(f"listed training file is missing (pair {image.name})", path)
     return pairs
+
+
+def load_modality(source: str | os.PathLike) -> str | None:
+    """The modality a Decathlon ``dataset.json`` names (``"modality": {"0": "CT"}``), channels joined by ``+``."""
+    source = Path(source)
+    source = source / "dataset.json" if source.is_dir() else source
+    if not source.is_file() or source.suffix != ".json":
+        return None
+    try:
+        entry = json.loads(source.read_text()).get("modality")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(entry, dict) and entry:
+        return " + ".join(str(entry[key]) for key in sorted(entry, key=str))
+    return str(entry) if isinstance(entry, str) else None
 
 
 def load_segmentation_labels(source: str | os.PathLike) -> dict[int, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import zlib
 from collections.abc import Sequence
@@ -60,6 +61,29 @@ def _voxels(image: nib.Nifti1Image, path: str) -> np.ndarray:
         ) from error
 
 
+def _check_gzip_stream(path: str) -> None:
+    """Decompress a ``.gz`` file to its end, so that gzip's CRC-32 and length check runs.
+
+    nibabel reads only the bytes it needs and never reaches the trailer, so flipped bytes in the middle of the
+    stream would decode to wrong voxels without an error.
+
+    Raises:
+        CorruptFileError: The stream is damaged or truncated (the message names the check that failed).
+    """
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        detail = str(error) or type(error).__name__
+        hint = (
+            "its CRC-32 check failed: the data were altered"
+            if "CRC" in detail
+            else "it is damaged or truncated"
+        )
+        raise CorruptFileError(f"the gzip stream cannot be trusted ({detail}); {hint}", path) from error
+
+
 def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> MedicalVolume:
     """Read a ``.nii`` / ``.nii.gz`` file into a canonical :class:`MedicalVolume`.
 
@@ -80,6 +104,8 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
     path = os.fspath(path)
     if not is_nifti_path(path):
         raise UnsupportedFormatError("not a NIfTI file name; expected .nii or .nii.gz", path)
+    if path.lower().endswith(".gz"):
+        _check_gzip_stream(path)
     try:
         image = nib.load(path)
     except _DECODE_ERRORS as error:

@@ -19,7 +19,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from ..errors import ProcessorConfigError, VolumeShapeError
+from ..errors import InvalidIntensityError, ProcessorConfigError, VolumeShapeError
 from ..io import MedicalVolume, as_volume, load_volume
 from ..io.volume import VolumeGeometry
 from .presets import get_preset
@@ -192,9 +192,21 @@ class MedicalImageProcessor(BaseImageProcessor):
             floor = torch.nan_to_num(tensor, nan=float("inf")).amin(dim=(1, 2, 3), keepdim=True)
             floor = torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)  # an all-NaN channel
             tensor = torch.where(torch.isnan(tensor), floor.expand_as(tensor), tensor)
+        if torch.isinf(tensor).any():  # e.g. float64 voxels beyond float32's range
+            raise InvalidIntensityError(
+                "voxel values beyond float32's range (+/-3.4e38) became infinite; rescale the image",
+                volume.source_path,
+            )
         state = ProcessingState(tensor=tensor, affine=volume.affine.copy())
         for step in self.step_objects:
             step.apply(state)
+            if not bool(torch.isfinite(state.tensor).all()):
+                # A non-finite value is never an answer (a zero std, a NaN scale, an overflow): say which step.
+                raise InvalidIntensityError(
+                    f"processor step {step.name!r} ({step.to_dict()}) produced non-finite values "
+                    f"(NaN or Inf); check its parameters against this image's intensities",
+                    volume.source_path,
+                )
         grid = ProcessedGrid(
             input_geometry=volume.geometry,
             operations=state.operations,

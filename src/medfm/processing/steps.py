@@ -190,6 +190,10 @@ class Clip(Step):
     low: float | None = None
     high: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.low is not None and self.high is not None and float(self.low) > float(self.high):
+            raise self._fail(f"low {self.low} is above high {self.high}")
+
     def apply(self, state: ProcessingState) -> None:
         state.tensor = state.tensor.clamp(self.low, self.high)
 

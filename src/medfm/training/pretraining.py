@@ -68,10 +68,12 @@ def pretraining_parser(description: str, *, objective: str) -> argparse.Argument
     cls = OBJECTIVES[objective]
     recipe = cls.data_recipe()
     parser = _PretrainingParser(description=description, formatter_class=_HelpFormatter)
+    # A script trains tokenizers or models, not both: offer the objectives of the same kind as its default.
+    choices = [name for name in known if OBJECTIVES[name].trains_tokenizer == cls.trains_tokenizer]
     parser.add_argument(
         "--model",
         default=objective,
-        choices=known,
+        choices=choices,
         help="pre-training objective",
     )
     parser.add_argument(

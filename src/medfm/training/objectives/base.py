@@ -67,6 +67,8 @@ class PretrainingObjective(nn.Module):
 
     #: AdamW betas.
     betas: tuple[float, float] = (0.9, 0.999)
+    #: Whether this objective trains a tokenizer (``examples/pretrain_tokenizer.py``) rather than a model.
+    trains_tokenizer: bool = False
 
     #: ``model_type`` of the frozen tokenizer whose outputs are the targets (``--tokenizer``), if the objective
     #: has one; ``None`` for objectives without a tokenizer (the run then offers no ``--tokenizer`` option).

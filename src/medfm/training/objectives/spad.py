@@ -155,6 +155,8 @@ class SpadTokenizerTraining(PretrainingObjective):
         "entropy_weight"
     )
 
+    trains_tokenizer = True
+
     def __init__(self, tokenizer: nn.Module, quant_weight: float = 0.03, entropy_weight: float = 1.0):
         super().__init__()
         self.tokenizer = tokenizer

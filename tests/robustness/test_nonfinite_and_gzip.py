@@ -1,0 +1,80 @@
+"""Bad input never becomes an answer (issue 12, first part): a corrupt gzip stream, voxels beyond float32,
+processor steps that produce NaN or Inf, impossible step parameters, and non-finite logits are typed errors."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medfm.errors import CorruptFileError, InvalidIntensityError, ProcessorConfigError
+from medfm.inference import NonFiniteOutputError, sliding_window_logits
+from medfm.io import MedicalVolume, load_volume
+from medfm.processing import MedicalImageProcessor
+
+from ..common.tiny_models import save_tiny_segmentation_model
+
+
+def test_flipped_bytes_in_a_gzip_stream_are_detected(tmp_path: Path, mni_t1_path: Path) -> None:
+    """The MNI152 with bytes flipped in the middle of the compressed stream used to decode to wrong voxels."""
+    raw = bytearray(mni_t1_path.read_bytes())
+    middle = len(raw) // 2
+    damaged = None
+    for offset in range(0, 4096, 512):  # find a flip that still inflates (a plain decoder error is easier)
+        candidate = bytearray(raw)
+        for i in range(middle + offset, middle + offset + 4):
+            candidate[i] ^= 0xFF
+        try:
+            gzip.decompress(bytes(candidate))
+        except gzip.BadGzipFile as error:
+            if "CRC" in str(error):
+                damaged = candidate
+                break
+        except Exception:
+            continue
+    assert damaged is not None, "no flip that inflates cleanly was found"
+    path = tmp_path / "flipped.nii.gz"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CorruptFileError, match="CRC") as raised:
+        load_volume(path)
+    assert str(path) in str(raised.value)
+
+
+def test_voxels_beyond_float32_are_refused(tmp_path: Path) -> None:
+    data = np.ones((4, 5, 6), dtype=np.float64)
+    data[1, 2, 3] = 1e300
+    path = tmp_path / "huge.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(InvalidIntensityError, match="float32"):
+        MedicalImageProcessor(steps=[{"name": "minmax"}])(str(path))
+
+
+@pytest.mark.parametrize(
+    ("steps", "phrase"),
+    [
+        ([{"name": "zscore", "eps": 0.0}], "zscore"),  # a constant image: std 0, no epsilon
+        ([{"name": "normalize", "mean": [0.0], "std": [0.0]}], "normalize"),
+        ([{"name": "scale_shift", "scale": float("nan"), "shift": 0.0}], "scale_shift"),
+    ],
+)
+def test_steps_that_make_non_finite_values_are_named(steps, phrase) -> None:
+    volume = MedicalVolume.from_array(np.full((4, 8, 8), 7.0, dtype=np.float32), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises((InvalidIntensityError, ProcessorConfigError), match=phrase):
+        MedicalImageProcessor(steps=steps)(volume)
+
+
+def test_impossible_step_parameters_fail_when_built() -> None:
+    with pytest.raises(ProcessorConfigError, match="above high"):
+        MedicalImageProcessor(steps=[{"name": "clip", "low": 5, "high": 1}])
+
+
+def test_non_finite_logits_are_not_a_label_map(tmp_path: Path) -> None:
+    model = save_tiny_segmentation_model(tmp_path / "seg")
+    with torch.no_grad():
+        model.decoder.heads[0].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="non-finite logits"):
+        sliding_window_logits(model, torch.randn(1, 8, 32, 64))
