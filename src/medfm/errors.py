@@ -11,18 +11,27 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "BatchItemError",
+    "BatchOutputError",
+    "CheckpointMismatchError",
     "CorruptFileError",
     "DatasetError",
     "DeviceUnavailableError",
     "DicomSeriesError",
     "EmptySeriesError",
+    "InvalidConfigError",
     "InvalidGeometryError",
     "InvalidIntensityError",
     "LabelMapError",
     "MedfmError",
+    "MemoryBudgetError",
     "MixedSeriesError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelProcessorMismatchError",
+    "NonFiniteWeightsError",
+    "OutputPathError",
+    "OutputWriteError",
     "OverwriteInputError",
     "ProcessorConfigError",
     "UnsupportedFormatError",
@@ -114,3 +123,49 @@ class ModelLoadError(MedfmError, OSError):
 
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """A model folder does not exist, and the name is not a Hub model either."""
+
+
+class MemoryBudgetError(MedfmError, MemoryError):
+    """An operation would allocate more than the memory budget (``MEDFM_MEMORY_BUDGET``, else a share of the
+    machine's available memory); the message gives what it needs and the budget."""
+
+
+class InvalidConfigError(MedfmError, ValueError):
+    """A model config has a field of the wrong type, out of range, or inconsistent with another field (or with
+    the checkpoint); the message names the field, the value and what is allowed."""
+
+
+class CheckpointMismatchError(UnsupportedFormatError):
+    """A checkpoint's tensors do not fit the model: missing or unexpected keys, or tensors of the wrong shape."""
+
+
+class NonFiniteWeightsError(MedfmError, ValueError):
+    """A checkpoint holds NaN or +/-Inf weights; the message names the tensor."""
+
+
+class OutputPathError(MedfmError, FileExistsError):
+    """An output path cannot be used: it is a file, a link, or a non-empty folder this program did not write."""
+
+
+class OutputWriteError(MedfmError, OSError):
+    """Writing an output failed (disk full, file too large, no permission); nothing partial was left behind."""
+
+
+class BatchOutputError(MedfmError, ValueError):
+    """A batch's outputs would collide: one ``save_to`` / ``overlay_to`` file for several inputs, or a folder
+    or pattern giving two inputs the same output name. Nothing was run or written."""
+
+
+class BatchItemError(MedfmError, ValueError):
+    """Item ``index`` of a batch failed. ``error`` is what it raised, ``written`` what earlier items had
+    already written (kept, and listed in the message)."""
+
+    def __init__(self, message: str, path=None, *, index: int = 0, written=(), error=None):
+        super().__init__(message, path)
+        self.index = index
+        self.written = list(written)
+        self.error = error
+
+
+class ModelProcessorMismatchError(MedfmError, ValueError):
+    """A model and its processor disagree (channels, spatial dims): the message says which file to fix."""

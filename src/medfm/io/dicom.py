@@ -26,6 +26,7 @@ from ..errors import (
     MixedSeriesError,
     UnsupportedFormatError,
 )
+from ..memory import check_allocation, warn_implausible_spacing
 from .orientation import canonical_transform
 from .volume import MedicalVolume, SourceGeometry, check_affine, check_intensities, narrowest_signed_int
 
@@ -279,6 +280,29 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
         raise CorruptFileError(f"unusable DICOM content ({type(error).__name__}: {error})", label) from error
 
 
+def _check_pixel_budget(ds: Any, rows: int, columns: int, count: int, label: str) -> None:
+    """Refuse, from the headers alone, a series whose voxels would not fit in the memory budget.
+
+    Reading holds the decoded slices (4 bytes a sample once rescaled), their stack, and its reoriented copy.
+
+    Raises:
+        MemoryBudgetError: Rows x Columns x slices x samples x bytes exceeds the budget.
+    """
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    stored = max(1, -(-int(ds.get("BitsAllocated", 16) or 16) // 8))
+    rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    itemsize = max(stored, 4) if rescaled else stored
+    shape = (count, rows, columns) if samples == 1 else (count, rows, columns, samples)
+    voxels = count * rows * columns * samples
+    check_allocation(
+        3 * voxels * itemsize,
+        f"{count} slice(s) of {rows} x {columns} pixels x {samples} sample(s) at {itemsize} bytes, "
+        f"an array {shape} held three times while reading (slices, stack, reoriented copy)",
+        label,
+        hint="the headers may be damaged (Rows, Columns); if the series is this large, raise the budget",
+    )
+
+
 def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
     _check_consistent(slices, label)
     first = slices[0].header
@@ -294,6 +318,7 @@ def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
         )
 
     rows, columns = int(first.Rows), int(first.Columns)
+    _check_pixel_budget(first, rows, columns, len(slices), label)
     planes = []
     for s in slices:
         pixels, ds = _pixel_data(s.path, rows, columns)
@@ -315,6 +340,7 @@ def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
     lps[:3, 2] = row_cos * pixel_spacing[1]  # column index: PixelSpacing[1] between columns
     lps[:3, 3] = origin if origin is not None else 0.0
     affine = check_affine(_LPS_TO_RAS @ lps, label)
+    warn_implausible_spacing(np.linalg.norm(affine[:3, :3], axis=0), label, stacklevel=4)
 
     spatial_shape = tuple(int(n) for n in data.shape[1:])
     transform = canonical_transform(affine, through_plane_axis=0)

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import CorruptFileError, InvalidGeometryError, UnsupportedFormatError, VolumeShapeError
+from ..memory import array_bytes, check_allocation, warn_implausible_spacing
 from .atomic import atomic_output
 from .orientation import canonical_transform, choose_through_plane_axis
 from .volume import (
@@ -121,6 +122,7 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
         raise UnsupportedFormatError(
             f"voxel type {stored} (RGB or complex) is not supported; expected real-valued scalar voxels", path
         )
+    _check_voxel_budget(image, stored, path)
     data = _voxels(image, path)
     file_shape = tuple(int(n) for n in data.shape)
     channel_axis_last = False
@@ -144,6 +146,7 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
     check_intensities(data, path)
 
     affine = check_affine(image.affine, path)
+    warn_implausible_spacing(spacing_from_affine(affine), path)
     spatial_shape = tuple(int(n) for n in data.shape[:3])
     transform = canonical_transform(
         affine, choose_through_plane_axis(spatial_shape, spacing_from_affine(affine), affine)
@@ -164,6 +167,27 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
         modality=None,
         source=source,
         metadata={"description": _header_text(image.header, "descrip")},
+    )
+
+
+def _check_voxel_budget(image: nib.Nifti1Image, stored: np.dtype, path: str) -> None:
+    """Refuse, from the header alone, a file whose voxels would not fit in the memory budget.
+
+    Reading holds the voxels (float32 when slope/intercept scale them) and their reoriented copy.
+
+    Raises:
+        MemoryBudgetError: The header's shape times the voxel size exceeds the budget.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    slope, inter = image.dataobj.slope, image.dataobj.inter
+    scaled = not (slope in (1.0, None) and inter in (0.0, None))
+    dtype = np.dtype(np.float32) if scaled else stored
+    check_allocation(
+        2 * array_bytes(shape, dtype),
+        f"a {shape} {dtype.name} voxel array and its reoriented copy (the header's dim x datatype; "
+        f"the file holds {os.path.getsize(path)} bytes)",
+        path,
+        hint="the header may be damaged; if the image is this large, crop it or raise the budget",
     )
 
 

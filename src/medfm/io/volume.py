@@ -10,7 +10,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ..errors import InvalidGeometryError, InvalidIntensityError, VolumeShapeError
+from ..errors import InvalidGeometryError, InvalidIntensityError, UnsupportedFormatError, VolumeShapeError
+from ..memory import warn_implausible_spacing
 from .orientation import AxisTransform
 
 __all__ = [
@@ -230,6 +231,7 @@ class MedicalVolume:
             VolumeShapeError: Wrong number of dimensions.
             InvalidGeometryError: Non-positive or non-finite spacing, or an affine that disagrees with it.
             InvalidIntensityError: All NaN or holding Inf.
+            UnsupportedFormatError: Complex (or non-numeric) values, as for a complex NIfTI.
         """
         if hasattr(array, "detach"):
             array = array.detach().cpu().numpy()
@@ -242,7 +244,13 @@ class MedicalVolume:
             raise VolumeShapeError(
                 f"array has {array.ndim} dims {array.shape}; expected (H, W), (D, H, W) or (C, D, H, W)"
             )
+        if array.dtype.kind not in "biuf":
+            raise UnsupportedFormatError(
+                f"array of dtype {array.dtype} ({'complex' if array.dtype.kind == 'c' else 'not numeric'}); "
+                "expected real-valued scalar voxels (take .real, .imag or abs() first)"
+            )
         spacing_t = _as_spacing(spacing)
+        warn_implausible_spacing(spacing_t)
         check_intensities(array)
         if affine is None:
             affine = affine_from_spacing(spacing_t)

@@ -19,9 +19,16 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from ..errors import InvalidIntensityError, ProcessorConfigError, VolumeShapeError
+from ..errors import (
+    InvalidIntensityError,
+    MemoryBudgetError,
+    ProcessorConfigError,
+    UnsupportedFormatError,
+    VolumeShapeError,
+)
 from ..io import MedicalVolume, as_volume, load_volume
 from ..io.volume import VolumeGeometry
+from ..memory import array_bytes, check_allocation
 from .presets import get_preset
 from .spatial import undo_operations
 from .steps import PadToMultiple, ProcessingState, Resize, Step, step_from_dict
@@ -187,7 +194,22 @@ class MedicalImageProcessor(BaseImageProcessor):
 
     def process_volume(self, volume: MedicalVolume) -> tuple[torch.Tensor, ProcessedGrid]:
         """Run the steps on one volume; return ``(C, D, H, W)`` float32 and its :class:`ProcessedGrid`."""
-        tensor = torch.from_numpy(np.ascontiguousarray(volume.array)).to(torch.float32)
+        if volume.array.dtype.kind not in "biuf":
+            raise UnsupportedFormatError(
+                f"voxels of dtype {volume.array.dtype}; expected real-valued scalars (complex values are "
+                "refused, as a complex NIfTI is)",
+                volume.source_path,
+            )
+        check_allocation(
+            2 * array_bytes(volume.array.shape, np.float32),
+            f"a {tuple(volume.array.shape)} float32 copy of the input and its NaN-filled version",
+            volume.source_path,
+            hint="crop or downsample the image first",
+        )
+        # NumPy converts every dtype a file can hold (uint16..uint64, float16, longdouble) to float32; torch
+        # cannot take some of them (longdouble). Values beyond float32 become Inf and are refused below.
+        with np.errstate(over="ignore", invalid="ignore"):
+            tensor = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))
         if torch.isnan(tensor).any():
             floor = torch.nan_to_num(tensor, nan=float("inf")).amin(dim=(1, 2, 3), keepdim=True)
             floor = torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)  # an all-NaN channel
@@ -199,7 +221,12 @@ class MedicalImageProcessor(BaseImageProcessor):
             )
         state = ProcessingState(tensor=tensor, affine=volume.affine.copy())
         for step in self.step_objects:
-            step.apply(state)
+            try:
+                step.apply(state)
+            except MemoryBudgetError as error:
+                if error.path is not None or volume.source_path is None:
+                    raise
+                raise MemoryBudgetError(error.reason, volume.source_path) from error  # name the file
             if not bool(torch.isfinite(state.tensor).all()):
                 # A non-finite value is never an answer (a zero std, a NaN scale, an overflow): say which step.
                 raise InvalidIntensityError(

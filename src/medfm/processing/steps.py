@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ProcessorConfigError
+from ..memory import array_bytes, check_allocation
 from .spatial import (
     INTERPOLATION_MODES,
     pad_symmetric,
@@ -332,7 +333,7 @@ class _GridResizingStep(Step):
         if new == old:
             return
         state.set_grid(
-            resize(state.tensor, new, self.mode),
+            resize(state.tensor, new, self.mode, purpose=f"the {self.name!r} step"),
             resized_affine(state.affine, old, new),
             {"op": "resize", "from": list(old), "to": list(new)},
         )
@@ -430,6 +431,12 @@ class PadToMultiple(Step):
         if not any(before or after for before, after in pads):
             return
         if self.value == "min":
+            grid = (int(state.tensor.shape[0]), *(n + b + a for n, (b, a) in zip(old, pads)))
+            check_allocation(  # padded channels, then their stack
+                2 * array_bytes(grid, np.float32),
+                f"a {grid} float32 padded grid and its per-channel parts (the {self.name!r} step)",
+                hint="check the padding multiple",
+            )
             padded = torch.stack(
                 [pad_symmetric(c[None], pads, self.mode, float(c.min()))[0] for c in state.tensor]
             )
