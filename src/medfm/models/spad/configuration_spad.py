@@ -5,17 +5,94 @@ Defaults are the released base sizes (`shared/specs/spad.md`).
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+
+from ...errors import InvalidConfigError
 
 __all__ = ["SpadVTConfig", "SpadViTConfig"]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
 def _three(value: int | list[int] | tuple[int, ...], name: str) -> list[int]:
-    values = [int(value)] * 3 if isinstance(value, int) else [int(v) for v in value]
-    if len(values) != 3 or any(v < 1 for v in values):
-        raise ValueError(f"{name} must be a positive int or three positive ints; got {value!r}")
-    return values
+    values = [value] * 3 if _is_int(value) else value
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 3
+        or not all(_is_int(v) and v >= 1 for v in values)
+    ):
+        raise InvalidConfigError(
+            f"{name} must be a positive int or a list of three positive ints; got {_describe(value)}"
+        )
+    return [int(v) for v in values]
+
+
+def _positive_int(config: Any, name: str, minimum: int = 1) -> None:
+    value = getattr(config, name)
+    if not _is_int(value) or value < minimum:
+        raise InvalidConfigError(f"{name} must be an integer >= {minimum}; got {_describe(value)}")
+
+
+def _int_list(config: Any, name: str, minimum: int = 1, length: int | None = None) -> None:
+    value = getattr(config, name)
+    if (
+        not isinstance(value, (list, tuple))
+        or (length is not None and len(value) != length)
+        or not value
+        or not all(_is_int(v) and v >= minimum for v in value)
+    ):
+        size = f"{length} " if length is not None else ""
+        raise InvalidConfigError(
+            f"{name} must be a list of {size}integers >= {minimum}; got {_describe(value)}"
+        )
+
+
+def _number(config: Any, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value < high
+    if not ok:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g})"
+        raise InvalidConfigError(f"{name} must be a finite number in {span}; got {_describe(value)}")
+
+
+def _boolean(config: Any, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise InvalidConfigError(f"{name} must be true or false; got {_describe(value)}")
+
+
+def _check_labels(config: Any, kwargs: dict[str, Any]) -> None:
+    """``num_labels`` must agree with ``id2label``, whose keys are the class ids ``0 .. n-1``."""
+    id2label = config.id2label
+    if id2label is None:
+        return
+    given = kwargs.get("num_labels")
+    if given is not None and (not _is_int(given) or given < 1):
+        raise InvalidConfigError(f"num_labels must be an integer >= 1; got {_describe(given)}")
+    if given is not None and given != len(id2label):
+        raise InvalidConfigError(
+            f"num_labels={given!r} disagrees with id2label, which names {len(id2label)} classes; "
+            "give one of them, or make them agree"
+        )
+    if kwargs.get("_before_init"):
+        return
+    if sorted(id2label) != list(range(len(id2label))):
+        raise InvalidConfigError(
+            f"id2label keys must be the class ids 0 .. {len(id2label) - 1}; got {sorted(id2label)!r:.120}"
+        )
 
 
 def default_out_indices(depth: int) -> list[int]:
@@ -93,47 +170,110 @@ class SpadViTConfig(PreTrainedConfig):
         super().__setattr__(name, value)
 
     def __post_init__(self, **kwargs):
-        self.rope_base = [float(b) for b in self.rope_base]
-        self.rope_rescale_shape = [int(r) for r in self.rope_rescale_shape]
+        # Field checks run first (and raise InvalidConfigError naming the field), so the conversions below and
+        # the architecture checks never see a string or a fraction.
+        self._check_fields()
+        if not isinstance(self.rope_base, (list, tuple)) or len(self.rope_base) != 3:
+            raise InvalidConfigError(
+                f"rope_base must be a list of three positive numbers; got {_describe(self.rope_base)}"
+            )
+        self.rope_base = [float(b) if _is_int(b) else b for b in self.rope_base]
         if self.out_indices is None:
             self.out_indices = default_out_indices(self.num_hidden_layers)
-        self.out_indices = [int(i) for i in self.out_indices]
+        for name in ("out_indices", "mask_layer_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                _int_list(self, name, minimum=0)
+                setattr(self, name, [int(i) for i in value])
+        self.rope_rescale_shape = [int(r) for r in self.rope_rescale_shape]
         self.decoder_lateral_channels = [int(c) for c in self.decoder_lateral_channels]
         self.decoder_full_res_channels = [int(c) for c in self.decoder_full_res_channels]
-        if self.mask_layer_ids is not None:
-            self.mask_layer_ids = [int(i) for i in self.mask_layer_ids]
+        _check_labels(self, {**kwargs, "_before_init": True})
         super().__post_init__(**kwargs)
+        _check_labels(self, {})
+        self.validate_architecture()  # raised here, the error stays an InvalidConfigError naming the field
+
+    def _check_fields(self) -> None:
+        for name in (
+            "in_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "codebook_size",
+        ):
+            _positive_int(self, name)
+        for name in ("adaptive_patch_embed", "qkv_bias", "deep_supervision"):
+            _boolean(self, name)
+        _number(self, "layer_norm_eps", 0.0, low_open=True)
+        _number(self, "mask_ratio", 0.0, 1.0)
+        _number(self, "initializer_range", 0.0)
+        _number(self, "attention_dropout", 0.0, 1.0)
+        rope = self.rope_base
+        if (
+            not isinstance(rope, (list, tuple))
+            or len(rope) != 3
+            or not all(
+                isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and b > 0
+                for b in rope
+            )
+        ):
+            raise InvalidConfigError(
+                f"rope_base must be three finite numbers > 0 (depth, height, width); got {_describe(rope)}"
+            )
+        rescale = self.rope_rescale_shape
+        if (
+            not isinstance(rescale, (list, tuple))
+            or len(rescale) != 3
+            or not all(_is_int(r) and (r == -1 or r >= 1) for r in rescale)
+        ):
+            raise InvalidConfigError(
+                f"rope_rescale_shape must be three ints, each -1 (integer positions) or >= 1; got {_describe(rescale)}"
+            )
+        _int_list(self, "decoder_lateral_channels")
+        _int_list(self, "decoder_full_res_channels", length=2)
 
     def validate_architecture(self) -> None:
-        """Check the combinations the model relies on.
+        """Check each field's type and range, and the combinations the model relies on.
+
+        Runs on construction, when the model is built, and on ``config.validate()``.
 
         Raises:
-            ValueError: With what is inconsistent.
+            InvalidConfigError: Naming the field, its value and what is allowed.
         """
+        self._check_fields()
+        for name in ("patch_size", "pos_embed_shape"):
+            _three(getattr(self, name), name)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
+            raise InvalidConfigError(
+                f"num_attention_heads {self.num_attention_heads} does not divide hidden_size {self.hidden_size}; "
+                "choose heads so that hidden_size / num_attention_heads is a whole multiple of 4"
             )
         if (self.hidden_size // self.num_attention_heads) % 4:
-            raise ValueError(
-                "head size (hidden_size / num_attention_heads) must be a multiple of 4 for 3D RoPE"
+            raise InvalidConfigError(
+                f"head size hidden_size / num_attention_heads = {self.hidden_size // self.num_attention_heads} must "
+                "be a multiple of 4 for 3D RoPE"
             )
         if self.adaptive_patch_embed:
             size = self.patch_size[0]
             if self.patch_size != [size] * 3 or size & (size - 1):
-                raise ValueError(
-                    f"an adaptive patch embedding needs an isotropic power-of-2 patch; got {self.patch_size}"
+                raise InvalidConfigError(
+                    f"adaptive_patch_embed=True needs an isotropic power-of-2 patch_size (e.g. 16); got "
+                    f"{self.patch_size} (set adaptive_patch_embed=false for a fixed patch)"
                 )
         if any(not 0 <= i < self.num_hidden_layers for i in self.out_indices):
-            raise ValueError(
+            raise InvalidConfigError(
                 f"out_indices {self.out_indices} must name blocks in [0, {self.num_hidden_layers})"
             )
         if len(self.out_indices) != 4 or len(self.decoder_lateral_channels) != 4:
-            raise ValueError("the segmentation adapter taps exactly 4 blocks with 4 lateral widths")
+            raise InvalidConfigError(
+                f"out_indices and decoder_lateral_channels must each have 4 entries (the segmentation adapter taps "
+                f"4 blocks); got {len(self.out_indices)} and {len(self.decoder_lateral_channels)}"
+            )
         if self.mask_layer_ids is not None and any(
             not 0 <= i < self.num_hidden_layers for i in self.mask_layer_ids
         ):
-            raise ValueError(
+            raise InvalidConfigError(
                 f"mask_layer_ids {self.mask_layer_ids} must name blocks in [0, {self.num_hidden_layers})"
             )
 
@@ -174,19 +314,48 @@ class SpadVTConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        self._check_fields()
         self.downsample_channels = [int(c) for c in self.downsample_channels]
         self.upsample_channels = [int(c) for c in self.upsample_channels]
+        _check_labels(self, {**kwargs, "_before_init": True})
         super().__post_init__(**kwargs)
+        _check_labels(self, {})
+        self.validate_architecture()  # raised here, the error stays an InvalidConfigError naming the field
+
+    def _check_fields(self) -> None:
+        for name in ("in_channels", "start_stride", "codebook_size", "embedding_dim", "group_norm_groups"):
+            _positive_int(self, name)
+        _int_list(self, "downsample_channels")
+        _int_list(self, "upsample_channels")
+        _number(self, "layer_norm_eps", 0.0, low_open=True)
+        _number(self, "group_norm_eps", 0.0, low_open=True)
+        _number(self, "initializer_range", 0.0)
 
     def validate_architecture(self) -> None:
+        """Check each field's type and range, and the combinations the model relies on.
+
+        Raises:
+            InvalidConfigError: Naming the field, its value and what is allowed.
+        """
+        self._check_fields()
         if self.start_stride & (self.start_stride - 1):
-            raise ValueError(f"start_stride must be a power of 2; got {self.start_stride}")
+            raise InvalidConfigError(f"start_stride must be a power of 2; got {self.start_stride}")
         if self.upsample_channels[-1] != self.embedding_dim:
-            raise ValueError(
-                "upsample_channels[-1] must equal embedding_dim (the decoder starts from the codes)"
+            raise InvalidConfigError(
+                f"upsample_channels[-1] ({self.upsample_channels[-1]}) must equal embedding_dim "
+                f"({self.embedding_dim}): the decoder starts from the codes"
             )
         if len(self.downsample_channels) != len(self.upsample_channels):
-            raise ValueError("downsample_channels and upsample_channels need the same number of levels")
+            raise InvalidConfigError(
+                f"downsample_channels and upsample_channels need the same number of levels; got "
+                f"{len(self.downsample_channels)} and {len(self.upsample_channels)}"
+            )
+        for name in ("downsample_channels", "upsample_channels"):
+            bad = [c for c in getattr(self, name) if c % self.group_norm_groups]
+            if bad:
+                raise InvalidConfigError(
+                    f"{name} {bad} are not multiples of group_norm_groups {self.group_norm_groups}"
+                )
 
     @property
     def total_stride(self) -> int:

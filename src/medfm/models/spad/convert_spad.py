@@ -13,11 +13,8 @@ Two things live here:
 
 from __future__ import annotations
 
-import argparse
-import collections
 import json
 import os
-import pathlib
 import re
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,19 @@ import torch
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from ...errors import CorruptFileError, UnsupportedFormatError, VolumeNotFoundError
+from ...errors import CheckpointMismatchError, InvalidConfigError, UnsupportedFormatError
 from ...layers import resample_position_grid
-from ..conversion_utils import build_config, check_config_fields
+from ..conversion_utils import (
+    CONVERSION_MARKER,
+    atomic_output_folder,
+    build_config,
+    check_config_fields,
+    check_output_folder,
+    load_original_state_dict,
+    load_state_dict_strict,
+    require_keys,
+)
+from ..conversion_utils import _safe_globals as _shared_safe_globals
 from .configuration_spad import SpadViTConfig, SpadVTConfig
 from .spad_conv import merge_depth_taps
 
@@ -128,75 +135,9 @@ def register_spad_weight_adaptation() -> None:
 
 
 # --- reading original checkpoints -------------------------------------------------------------------
+# Shared by every family's converter (``conversion_utils``); imported here for compatibility.
 
-
-def _safe_globals() -> list[Any]:
-    """Types a Lightning/Fabric checkpoint stores besides tensors, allowed for ``weights_only`` loading."""
-    return [
-        pathlib.PosixPath,
-        pathlib.WindowsPath,
-        pathlib.PurePosixPath,
-        collections.defaultdict,
-        argparse.Namespace,
-    ]
-
-
-def load_original_state_dict(
-    path: str | os.PathLike, trust_checkpoint: bool = False
-) -> dict[str, torch.Tensor]:
-    """Read the weights of an upstream checkpoint.
-
-    Accepts a Lightning checkpoint (``state_dict``), a Fabric tokenizer checkpoint (``model``), or a plain
-    state dict, as ``.ckpt``/``.pth``/``.pt`` (read with ``torch.load(weights_only=True)`` plus a few allowed
-    types) or ``.safetensors``. A ``module.`` prefix (DDP) is stripped.
-
-    Args:
-        path: The file.
-        trust_checkpoint: Allow full unpickling for a file you trust whose extra metadata needs types
-            outside the allow-list. Never needed for the weights themselves.
-
-    Raises:
-        VolumeNotFoundError: No such file.
-        UnsupportedFormatError: Unknown extension, or no state dict inside.
-        CorruptFileError: The file cannot be read (the message says how to proceed for unknown types).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise VolumeNotFoundError("no such checkpoint file", path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix not in (".ckpt", ".pth", ".pt", ".bin"):
-        raise UnsupportedFormatError("expected a .ckpt, .pth, .pt, .bin or .safetensors checkpoint", path)
-    try:
-        if trust_checkpoint:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_safe_globals()):
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        hint = ""
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
-            hint = "; it stores types outside the allow-list: pass trust_checkpoint=True (--trust-checkpoint) for a file you trust"
-        raise CorruptFileError(
-            f"cannot read the checkpoint ({type(error).__name__}: {error}){hint}", path
-        ) from error
-    state = payload
-    if isinstance(payload, dict):
-        for key in ("state_dict", "model", "module"):
-            if isinstance(payload.get(key), dict):
-                state = payload[key]
-                break
-    if (
-        not isinstance(state, dict)
-        or not state
-        or not all(isinstance(v, torch.Tensor) for v in state.values())
-    ):
-        raise UnsupportedFormatError(
-            "no state dict of tensors found (looked at the file, 'state_dict', 'model')", path
-        )
-    return {k.removeprefix("module."): v for k, v in state.items()}
+_safe_globals = _shared_safe_globals
 
 
 # --- key mapping and config inference ----------------------------------------------------------------
@@ -225,19 +166,47 @@ def _heads_for(width: int) -> int | None:
     return {768: 12, 1024: 16, 384: 6, 192: 3}.get(width)
 
 
+#: Tensors :func:`infer_vit_config` and :func:`infer_tokenizer_config` read.
+VIT_REQUIRED_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.w1.weight")
+TOKENIZER_REQUIRED_KEYS = ("encoder.0.weight", "quantize.embedding.weight")
+
+
 def infer_vit_config(
-    state: dict[str, torch.Tensor], overrides: dict[str, Any] | None = None
+    state: dict[str, torch.Tensor],
+    overrides: dict[str, Any] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> SpadViTConfig:
     """A :class:`SpadViTConfig` from upstream tensor shapes; ``overrides`` supply what shapes cannot tell.
 
+    Args:
+        state: Upstream ViT weights.
+        overrides: Config fields (``--config``).
+        source: The checkpoint, named in errors.
+
     Raises:
-        ValueError: The number of heads cannot be inferred and is not in ``overrides``.
+        CheckpointMismatchError: A tensor the inference reads is missing or has an unusable shape.
+        InvalidConfigError: The number of heads cannot be inferred and is not in ``overrides``, or the
+            resulting config is invalid (heads that do not divide the width...).
     """
-    overrides = dict(overrides or {})
+    overrides = {} if overrides is None else overrides
     check_config_fields(SpadViTConfig, overrides)
+    overrides = dict(overrides)
+    require_keys(state, VIT_REQUIRED_KEYS, source, "SPAD-ViT")
     patch = state["patch_embed.proj.weight"]
+    blocks = [int(k.split(".")[1]) for k in state if re.match(r"blocks\.\d+\.", k)]
+    if patch.ndim != 5 or state["cls_token"].ndim != 3 or state["pos_embed"].ndim != 5:
+        raise CheckpointMismatchError(
+            f"unusable shapes: patch_embed.proj.weight {tuple(patch.shape)} (expected 5 dims), cls_token "
+            f"{tuple(state['cls_token'].shape)} (3 dims), pos_embed {tuple(state['pos_embed'].shape)} (5 dims)",
+            source,
+        )
     width = int(state["cls_token"].shape[-1])
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    depth = 1 + max(blocks)
+    absent = sorted(set(range(depth)) - set(blocks))
+    if absent:
+        raise CheckpointMismatchError(
+            f"blocks {absent} are missing (the checkpoint has up to block {depth - 1})", source
+        )
     inferred: dict[str, Any] = {
         "hidden_size": width,
         "in_channels": int(patch.shape[1]),
@@ -253,48 +222,63 @@ def infer_vit_config(
         inferred["codebook_size"] = int(state["mim_head.2.weight"].shape[0])
     heads = overrides.get("num_attention_heads", _heads_for(width))
     if heads is None:
-        raise ValueError(
+        raise InvalidConfigError(
             f"cannot infer the number of attention heads for width {width}; pass it in the config overrides "
-            "(e.g. --config '{\"num_attention_heads\": 4}')"
+            "(e.g. --config '{\"num_attention_heads\": 4}')",
+            source,
         )
     inferred["num_attention_heads"] = heads
     if depth == 24 and "mask_layer_ids" not in overrides:
         inferred["mask_layer_ids"] = list(range(18, 24))
     inferred.update(overrides)
-    return build_config(SpadViTConfig, inferred)
+    return build_config(SpadViTConfig, inferred, source)
 
 
 def infer_tokenizer_config(
-    state: dict[str, torch.Tensor], overrides: dict[str, Any] | None = None
+    state: dict[str, torch.Tensor],
+    overrides: dict[str, Any] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> SpadVTConfig:
-    """A :class:`SpadVTConfig` from (converted) tokenizer tensor shapes."""
-    first = state["encoder.0.weight"]
-    # Encoder downsampling convs sit at 0, 3, 6, ... (conv, norm, activation) until the first 3x3x3 conv.
-    down = []
-    for index in range(0, 3 * 16, 3):
-        weight = state.get(f"encoder.{index}.weight")
-        if weight is None or weight.shape[-1] == 3:
-            break
-        down.append(int(weight.shape[0]))
-    # Decoder up-blocks go from the coarsest width down; the last transposed conv starts at the finest.
-    blocks = sorted(
-        (int(m.group(1)), v)
-        for k, v in state.items()
-        if (m := re.match(r"decoder\.(\d+)\.transposed_conv\.weight$", k))
-    )
-    last = max(int(m.group(1)) for k in state if (m := re.match(r"decoder\.(\d+)\.weight$", k)))
-    up = [int(state[f"decoder.{last}.weight"].shape[0])] + [int(w.shape[0]) for _, w in reversed(blocks)]
-    config: dict[str, Any] = {
-        "in_channels": int(first.shape[1]),
-        "start_stride": int(first.shape[-1]),
-        "downsample_channels": down,
-        "upsample_channels": up,
-        "codebook_size": int(state["quantize.embedding.weight"].shape[0]),
-        "embedding_dim": int(state["quantize.embedding.weight"].shape[1]),
-    }
+    """A :class:`SpadVTConfig` from (converted) tokenizer tensor shapes.
+
+    Raises:
+        CheckpointMismatchError: The tensors are not a SPAD-VT tokenizer's.
+        InvalidConfigError: The resulting config is invalid.
+    """
     check_config_fields(SpadVTConfig, overrides or {}, "tokenizer config")
+    require_keys(state, TOKENIZER_REQUIRED_KEYS, source, "SPAD-VT tokenizer")
+    try:
+        first = state["encoder.0.weight"]
+        # Encoder downsampling convs sit at 0, 3, 6, ... (conv, norm, activation) until the first 3x3x3 conv.
+        down = []
+        for index in range(0, 3 * 16, 3):
+            weight = state.get(f"encoder.{index}.weight")
+            if weight is None or weight.shape[-1] == 3:
+                break
+            down.append(int(weight.shape[0]))
+        # Decoder up-blocks go from the coarsest width down; the last transposed conv starts at the finest.
+        blocks = sorted(
+            (int(m.group(1)), v)
+            for k, v in state.items()
+            if (m := re.match(r"decoder\.(\d+)\.transposed_conv\.weight$", k))
+        )
+        last = max(int(m.group(1)) for k in state if (m := re.match(r"decoder\.(\d+)\.weight$", k)))
+        up = [int(state[f"decoder.{last}.weight"].shape[0])] + [int(w.shape[0]) for _, w in reversed(blocks)]
+        config: dict[str, Any] = {
+            "in_channels": int(first.shape[1]),
+            "start_stride": int(first.shape[-1]),
+            "downsample_channels": down,
+            "upsample_channels": up,
+            "codebook_size": int(state["quantize.embedding.weight"].shape[0]),
+            "embedding_dim": int(state["quantize.embedding.weight"].shape[1]),
+        }
+    except (KeyError, IndexError, ValueError) as error:  # max() of no decoder conv, a tensor of too few dims
+        raise CheckpointMismatchError(
+            f"not a SPAD-VT tokenizer checkpoint: cannot infer its config ({type(error).__name__}: {error})",
+            source,
+        ) from None
     config.update(overrides or {})
-    return build_config(SpadVTConfig, config)
+    return build_config(SpadVTConfig, config, source)
 
 
 # --- the conversion -------------------------------------------------------------------------------------
@@ -311,10 +295,14 @@ def convert_spad_checkpoint(
 ) -> Path:
     """Convert an upstream SPAD-ViT checkpoint (and optionally the SPAD-VT tokenizer) to a medfm folder.
 
-    Writes ``config.json``, ``model.safetensors``, ``preprocessor_config.json`` and a ``README.md`` model
-    card to ``output``; the tokenizer goes to ``output/tokenizer`` (load it with
+    Writes ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, a ``README.md`` model card and
+    ``conversion.json`` to ``output``; the tokenizer goes to ``output/tokenizer`` (load it with
     ``SpadVTModel.from_pretrained(output, subfolder="tokenizer")``). A checkpoint with the MIM head is
     written as :class:`SpadViTForMaskedImageModeling` (``AutoModel`` loads its backbone).
+
+    Everything is read and checked before anything is written, and the folder is written next to ``output``
+    and renamed into place when complete (see :func:`~medfm.models.conversion_utils.atomic_output_folder`):
+    a failure leaves no partial folder. ``output`` may be new, empty, or a previous conversion (replaced).
 
     Args:
         checkpoint: Upstream ViT checkpoint (``pumit-b.ckpt``), ``.pth`` or ``.safetensors`` state dict.
@@ -331,6 +319,15 @@ def convert_spad_checkpoint(
         The output folder.
 
     Raises:
+        VolumeNotFoundError, CorruptFileError, UnsupportedFormatError: A checkpoint is missing, unreadable
+            (truncated) or of an unknown kind.
+        NonFiniteWeightsError: A checkpoint holds NaN/Inf weights.
+        CheckpointMismatchError: Missing or unexpected tensors, or tensors of the wrong shape.
+        InvalidConfigError: ``config_overrides`` is not a mapping, names unknown fields, or gives an invalid
+            config (heads that do not divide the width...).
+        OutputPathError, OverwriteInputError: ``output`` is a file, a non-empty folder that is no conversion,
+            or holds an input.
+        OutputWriteError: Writing failed (disk full...).
         ValueError: The converted model does not reproduce ``reference`` (within 1e-4), or the reference file
             lacks a key.
     """
@@ -340,10 +337,12 @@ def convert_spad_checkpoint(
     from .modeling_spad_vt import SpadVTModel
 
     output = Path(output)
+    inputs = (checkpoint, tokenizer, reference)
+    check_output_folder(output, inputs)  # fail early, before the slow part
     original = load_original_state_dict(checkpoint, trust_checkpoint=trust_checkpoint)
     if "patch_embed.proj.weight" not in original:
         raise UnsupportedFormatError("not a SPAD-ViT checkpoint (no patch_embed.proj.weight)", checkpoint)
-    config = infer_vit_config(original, config_overrides)
+    config = infer_vit_config(original, config_overrides, checkpoint)
     has_mim_head = any(k.startswith(MIM_ONLY_PREFIXES) for k in original)
     model_class = SpadViTForMaskedImageModeling if has_mim_head else SpadViTModel
     state = convert_vit_state_dict(original)
@@ -351,45 +350,49 @@ def convert_spad_checkpoint(
         state = {k.removeprefix("spad_vit."): v for k, v in state.items()}
     model = _load_strict(model_class(config), state, checkpoint)
     parity = _verify_against_reference(model, reference) if reference is not None else None
-    model.save_pretrained(output)
-    MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(output)
-    extra = {"source_checkpoint": Path(checkpoint).name}
-    if parity is not None:
-        extra["parity_statement"] = (
-            f"The conversion was verified against the original code's outputs given to the converter "
-            f"(`{Path(reference).name}`): max abs error {parity:.2e} on the final hidden states (tolerance 1e-4)."
-        )
-    write_model_card("spad-vit-base", output, base_model=None, extra=extra)
+    tokenizer_model = None
     if tokenizer is not None:
         tokenizer_state = convert_tokenizer_state_dict(load_original_state_dict(tokenizer, trust_checkpoint))
         tokenizer_model = _load_strict(
-            SpadVTModel(infer_tokenizer_config(tokenizer_state)), tokenizer_state, tokenizer
+            SpadVTModel(infer_tokenizer_config(tokenizer_state, source=tokenizer)), tokenizer_state, tokenizer
         )
-        tokenizer_model.save_pretrained(output / "tokenizer")
-        MedicalImageProcessor.from_preset("spad-vt").save_pretrained(output / "tokenizer")
-        write_model_card(
-            "spad-vt",
-            output / "tokenizer",
-            base_model=None,
-            repo_id=output.name,
-            extra={
-                "model_name": f"{output.name} tokenizer (SPAD-VT)",
-                "source_checkpoint": Path(tokenizer).name,
-                "subfolder_argument": ', subfolder="tokenizer"',
-            },
+    with atomic_output_folder(output, inputs) as folder:
+        model.save_pretrained(folder)
+        MedicalImageProcessor.from_preset("spad-pretrain").save_pretrained(folder)
+        extra = {"source_checkpoint": Path(checkpoint).name}
+        if parity is not None:
+            extra["parity_statement"] = (
+                f"The conversion was verified against the original code's outputs given to the converter "
+                f"(`{Path(reference).name}`): max abs error {parity:.2e} on the final hidden states "
+                "(tolerance 1e-4)."
+            )
+        write_model_card("spad-vit-base", folder, base_model=None, repo_id=output.name, extra=extra)
+        if tokenizer_model is not None:
+            tokenizer_model.save_pretrained(folder / "tokenizer")
+            MedicalImageProcessor.from_preset("spad-vt").save_pretrained(folder / "tokenizer")
+            write_model_card(
+                "spad-vt",
+                folder / "tokenizer",
+                base_model=None,
+                repo_id=output.name,
+                extra={
+                    "model_name": f"{output.name} tokenizer (SPAD-VT)",
+                    "source_checkpoint": Path(tokenizer).name,
+                    "subfolder_argument": ', subfolder="tokenizer"',
+                },
+            )
+        (folder / CONVERSION_MARKER).write_text(
+            json.dumps(
+                {
+                    "source": Path(checkpoint).name,
+                    "tokenizer": Path(tokenizer).name if tokenizer else None,
+                    "model_class": model_class.__name__,
+                    "num_tensors": len(state),
+                    "verified_max_abs_error": parity,
+                },
+                indent=2,
+            )
         )
-    (output / "conversion.json").write_text(
-        json.dumps(
-            {
-                "source": Path(checkpoint).name,
-                "tokenizer": Path(tokenizer).name if tokenizer else None,
-                "model_class": model_class.__name__,
-                "num_tensors": len(state),
-                "verified_max_abs_error": parity,
-            },
-            indent=2,
-        )
-    )
     return output
 
 
@@ -419,11 +422,5 @@ def _verify_against_reference(model: torch.nn.Module, reference: str | os.PathLi
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike):
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("tokenizer.")]
-    if missing or unexpected:
-        raise UnsupportedFormatError(
-            f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}",
-            source,
-        )
-    return model.eval()
+    """:func:`~medfm.models.conversion_utils.load_state_dict_strict`, the tokenizer buffers allowed missing."""
+    return load_state_dict_strict(model, state, source, ignore_missing_prefixes=("tokenizer.",))
