@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     held_out = max(1, round(len(pairs) * args.val_fraction)) if len(pairs) > 1 else 0
     samples = []
     for image, label in pairs:
-        sample = prepare_segmentation_sample(processor, image, label)
+        sample = prepare_segmentation_sample(processor, image, label, num_labels)
         check_label_values(sample.labels, num_labels, label)  # before any model is built or step is run
         samples.append(sample)
     train_samples, val_samples = samples[held_out:] or samples, samples[:held_out] or samples

@@ -74,3 +74,22 @@ def test_a_model_of_another_task_is_refused(tmp_path) -> None:
     save_tiny_segmentation_model(tmp_path / "seg")
     with pytest.raises(WrongTaskError, match="segmentation model"):
         pipeline("medical-image-classification", model=str(tmp_path / "seg"))
+
+
+def test_model_and_processor_channels_must_agree(tmp_path, ct_small_path) -> None:
+    """A 1-channel model whose saved processor repeats grey to RGB: refused with the file to fix."""
+    from transformers import pipeline
+
+    from medfm.errors import ModelProcessorMismatchError
+    from medfm.processing import MedicalImageProcessor
+
+    from ..common.tiny_models import save_tiny_segmentation_model
+
+    save_tiny_segmentation_model(tmp_path / "seg")  # in_channels 1
+    MedicalImageProcessor(
+        steps=[{"name": "minmax"}, {"name": "repeat_channels", "num_channels": 3}]
+    ).save_pretrained(tmp_path / "seg")
+    segmenter = pipeline("medical-segmentation", model=str(tmp_path / "seg"))
+    with pytest.raises(ModelProcessorMismatchError, match=r"preprocessor_config\.json") as raised:
+        segmenter(str(ct_small_path))
+    assert "takes 1" in str(raised.value) and "3-channel" in str(raised.value)

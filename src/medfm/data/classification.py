@@ -4,6 +4,7 @@ and an anisotropy level."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VolumeNotFoundError
+from ..errors import DatasetError, VolumeNotFoundError
 from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
 
 __all__ = [
@@ -41,13 +42,27 @@ def load_classification_items(source: str | os.PathLike) -> tuple[list[tuple[Pat
     ``source`` is a folder with one sub-folder per class (NIfTI or DICOM files inside), or a JSON file with a
     ``training`` list of ``{"image": path, "label": name}`` (paths relative to the file).
 
+    A label in the JSON list is a class name (a non-empty string) or a class index (a non-negative whole
+    number; ``2.0`` counts as ``2``).
+
     Raises:
         VolumeNotFoundError: Nothing usable at ``source``, or a listed file is missing.
+        DatasetError: The JSON file is not JSON, has no ``training`` list, or an entry is not an
+            ``{"image": path, "label": name}`` object (a missing key, a non-string path, a label that is a
+            negative, fractional or NaN number, a boolean, null or a list).
     """
+    from .segmentation import _file_field, read_dataset_json, training_entries
+
     source = Path(source)
     if source.is_file():
-        entries = json.loads(source.read_text()).get("training", [])
-        items = [((source.parent / e["image"]).resolve(), str(e["label"])) for e in entries]
+        entries = training_entries(read_dataset_json(source), source)
+        items = [
+            (
+                (source.parent / _file_field(e, "image", i, source)).resolve(),
+                _class_label(e["label"], i, source),
+            )
+            for i, e in enumerate(entries)
+        ]
     elif source.is_dir():
         items = [
             (path, folder.name)
@@ -63,6 +78,34 @@ def load_classification_items(source: str | os.PathLike) -> tuple[list[tuple[Pat
         if not path.exists():
             raise VolumeNotFoundError("listed image is missing", path)
     return items, sorted({name for _, name in items})
+
+
+def _class_label(value: object, index: int, path: Path) -> str:
+    """A JSON label as a class name: a non-empty string, or a non-negative whole number."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = f"{value} is not a class"
+        elif value < 0:
+            problem = f"{value} is negative"
+        elif isinstance(value, float) and not value.is_integer():
+            problem = f"{value} is not a whole number"
+        else:
+            return str(int(value))
+    else:
+        problem = f"{json.dumps(value)[:60]} is a JSON {_json_type(value)}"
+    raise DatasetError(
+        f'"training" entry {index} has "label": {problem}; expected a class name (a non-empty string) or a '
+        "class index 0, 1, ...",
+        path,
+    )
+
+
+def _json_type(value: object) -> str:
+    from .segmentation import _json_type as name
+
+    return name(value)
 
 
 def stratified_split(

@@ -9,14 +9,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..errors import DatasetError, LabelMapError, VolumeNotFoundError, VolumeShapeError
+from ..errors import (
+    DatasetError,
+    InvalidGeometryError,
+    InvalidIntensityError,
+    LabelMapError,
+    VolumeNotFoundError,
+    VolumeShapeError,
+)
 from ..io import load_volume
 
 __all__ = [
     "SegmentationSample",
     "VolumeCropSampler",
+    "check_label_map",
     "check_label_values",
     "load_modality",
     "load_segmentation_labels",
@@ -42,6 +51,87 @@ class SegmentationSample:
     region: torch.Tensor | None = None
 
 
+def read_dataset_json(path: str | os.PathLike) -> dict:
+    """The top-level object of a ``dataset.json``.
+
+    Raises:
+        DatasetError: The file cannot be read, is not JSON, or its top level is not an object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError("is not a text (JSON) file", path) from None
+    except OSError as error:
+        raise DatasetError(f"cannot be read ({error.strerror or error})", path) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})", path
+        ) from None
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f'its top level is a JSON {type(data).__name__}; expected an object with a "training" list', path
+        )
+    return data
+
+
+def training_entries(
+    data: dict, path: str | os.PathLike, keys: Sequence[str] = ("image", "label")
+) -> list[dict]:
+    """The ``training`` list of a ``dataset.json`` object, every entry checked to be an object holding ``keys``.
+
+    Raises:
+        DatasetError: ``training`` is missing, not a list, or empty; an entry is not an object or lacks a key.
+    """
+    if "training" not in data:
+        raise DatasetError(
+            f'has no "training" list (it holds {sorted(data)[:10]}); expected '
+            '{"training": [{"image": ..., "label": ...}, ...]}',
+            path,
+        )
+    entries = data["training"]
+    if not isinstance(entries, list):
+        raise DatasetError(
+            f'its "training" is a JSON {_json_type(entries)}; expected a list of objects', path
+        )
+    if not entries:
+        raise DatasetError('its "training" list is empty; expected at least one entry', path)
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DatasetError(
+                f'"training" entry {index} is a JSON {_json_type(entry)}; expected an object with '
+                + " and ".join(f'"{key}"' for key in keys),
+                path,
+            )
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            raise DatasetError(
+                f'"training" entry {index} has no '
+                + " or ".join(f'"{key}"' for key in missing)
+                + f" (it holds {sorted(entry)})",
+                path,
+            )
+    return entries
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _file_field(entry: dict, key: str, index: int, path: Path) -> str:
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DatasetError(
+            f'"training" entry {index} has "{key}": {json.dumps(value)[:80]} ({_json_type(value)}); '
+            "expected a file path (a non-empty string)",
+            path,
+        )
+    return value
+
+
 def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(image, label) file pairs from a Medical Segmentation Decathlon ``dataset.json`` or a folder.
 
@@ -50,14 +140,20 @@ def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]
 
     Raises:
         VolumeNotFoundError: The source, a listed file, or a label for an image is missing.
+        DatasetError: The ``dataset.json`` is not JSON, has no ``training`` list, or an entry is not an
+            ``{"image": path, "label": path}`` object.
     """
     source = Path(source)
     if source.is_dir() and (source / "dataset.json").is_file():
         source = source / "dataset.json"
     if source.is_file():
-        entries = json.loads(source.read_text()).get("training", [])
+        entries = training_entries(read_dataset_json(source), source)
         pairs = [
-            ((source.parent / e["image"]).resolve(), (source.parent / e["label"]).resolve()) for e in entries
+            (
+                (source.parent / _file_field(e, "image", i, source)).resolve(),
+                (source.parent / _file_field(e, "label", i, source)).resolve(),
+            )
+            for i, e in enumerate(entries)
         ]
     elif (source / "imagesTr").is_dir():
         pairs = []
@@ -105,12 +201,12 @@ def load_segmentation_labels(source: str | os.PathLike) -> dict[int, str] | None
         source = source / "dataset.json"
     if not source.is_file():
         return None
-    entry = json.loads(source.read_text()).get("labels")
+    entry = read_dataset_json(source).get("labels")
     if not entry:
         return None
     try:
         names = {int(value): str(name) for value, name in entry.items()}
-    except (AttributeError, ValueError):
+    except (AttributeError, ValueError, TypeError):
         raise DatasetError(
             'its "labels" must map label values to names, e.g. {"0": "background", "1": "spleen"}', source
         ) from None
@@ -135,21 +231,93 @@ def check_label_values(labels: torch.Tensor, num_labels: int, path: str | os.Pat
         )
 
 
+def check_label_map(array: np.ndarray, path: str | os.PathLike | None, num_labels: int | None = None) -> None:
+    """Check a label map as read from its file: finite, whole numbers, not negative and (with ``num_labels``)
+    below ``num_labels``.
+
+    Raises:
+        LabelMapError: NaN or infinite values, fractional values (probabilities, intensities), negative values
+            or values out of range; the message names the file and what was found.
+    """
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise LabelMapError(f"has voxel type {array.dtype}; a label map holds integer labels", path)
+    if np.issubdtype(array.dtype, np.floating):
+        n_nan = int(np.isnan(array).sum())
+        if n_nan:
+            raise LabelMapError(
+                f"holds {n_nan} NaN voxel(s) of {array.size}; a label map holds integer labels 0, 1, ...",
+                path,
+            )
+        n_inf = int(np.isinf(array).sum())
+        if n_inf:
+            raise LabelMapError(
+                f"holds {n_inf} infinite voxel(s) of {array.size}; a label map holds integer labels", path
+            )
+        fractional = array[array != np.round(array)]
+        if fractional.size:
+            shown = [float(v) for v in np.unique(fractional)[:5]]
+            raise LabelMapError(
+                f"holds {fractional.size} non-integer value(s) such as {shown}: a map of probabilities or "
+                "intensities, not labels; expected integer labels 0, 1, ...",
+                path,
+            )
+    negative = np.unique(array[array < 0])
+    if negative.size:
+        raise LabelMapError(
+            f"holds negative label value(s) {[int(v) for v in negative[:10]]}; expected labels 0, 1, ...",
+            path,
+        )
+    if num_labels is not None:
+        high = np.unique(array[array >= num_labels])
+        if high.size:
+            raise LabelMapError(
+                f"holds label value(s) {[int(v) for v in high[:10]]} outside [0, {num_labels}); the model has "
+                f"{num_labels} labels (--num-labels {num_labels}): raise --num-labels or fix the label map",
+                path,
+            )
+
+
+def _affine_text(affine) -> str:
+    return str(np.round(np.asarray(affine, dtype=float), 3).tolist())
+
+
 def prepare_segmentation_sample(
-    processor, image_path: str | os.PathLike, label_path: str | os.PathLike
+    processor,
+    image_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    num_labels: int | None = None,
 ) -> SegmentationSample:
     """Load an image and its label map and put both on the processor's grid (labels by nearest neighbour).
 
+    The label map is checked as read (see :func:`check_label_map`) before anything is resampled.
+
     Raises:
-        VolumeShapeError: The label map is not on the image's grid.
+        VolumeShapeError: The label map's shape is not the image's.
+        InvalidGeometryError: The label map's affine is not the image's (the message gives both, rounded).
+        LabelMapError: The label map holds NaN, fractional, negative or (with ``num_labels``) too large values.
     """
     image = load_volume(image_path)
-    labels = load_volume(label_path)
-    if labels.spatial_shape != image.spatial_shape or not torch.allclose(
-        torch.as_tensor(labels.affine), torch.as_tensor(image.affine), atol=1e-3
-    ):
+    try:
+        labels = load_volume(label_path)
+    except InvalidIntensityError as error:  # all NaN or holding Inf: a label map, not intensities
+        raise LabelMapError(
+            f"{error.reason}; a label map holds integer labels 0, 1, ...", label_path
+        ) from None
+    check_label_map(labels.array, label_path, num_labels)
+    if labels.spatial_shape != image.spatial_shape:
         raise VolumeShapeError(
-            f"label map {labels.spatial_shape} is not on the image's grid {image.spatial_shape}", label_path
+            f"label map {labels.spatial_shape} is not on the image's grid {image.spatial_shape} "
+            f"(image {image_path})",
+            label_path,
+        )
+    if not np.allclose(np.asarray(labels.affine), np.asarray(image.affine), atol=1e-3):
+        raise InvalidGeometryError(
+            f"label map affine {_affine_text(labels.affine)} differs from the affine "
+            f"{_affine_text(image.affine)} of its image {image_path}; resample the label map onto the image",
+            label_path,
         )
     inputs = processor(image)
     on_grid = processor.label_processor()(labels)["pixel_values"][0, 0].round().long()

@@ -46,12 +46,34 @@ class MedicalPipeline(Pipeline):
             )
         volume = as_volume(inputs, spacing)
         features = self.image_processor(volume)
+        self._check_channels(features["pixel_values"], volume)
         return {
             "pixel_values": features["pixel_values"],
             "spacing": features["spacing"],
             "grid": features.grids[0],
             "volume": volume,
         }
+
+    def _check_channels(self, pixel_values: Any, volume: Any) -> None:
+        """The processed input has the channels the model takes (an RGB DICOM into a 1-channel model, or a
+        processor that repeats grey to RGB for a 1-channel model, would otherwise fail deep in the model or,
+        worse, run on the wrong data)."""
+        from ..errors import ModelProcessorMismatchError
+
+        try:
+            expected = self.contract.num_input_channels
+        except AttributeError:  # a model whose config names no channel count
+            return
+        got = int(pixel_values.shape[1])
+        if got != expected:
+            source = getattr(self.model, "name_or_path", None) or type(self.model).__name__
+            raise ModelProcessorMismatchError(
+                f"the processor makes {got}-channel inputs from this image ({volume.array.shape[0]} channel(s)) "
+                f"but the model takes {expected}; fix preprocessor_config.json of {source} (e.g. a "
+                f"repeat_channels step with num_channels={expected}) or give an image with the channels the "
+                "model was trained on",
+                volume.source_path,
+            )
 
     @property
     def contract(self) -> MedfmModelMixin:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BatchItemError, BatchOutputError, OverwriteInputError
 from ..inference import sliding_window_logits
 from ..io import MedicalVolume, write_nifti
 from ..processing.image_processing_medical import ProcessedGrid
@@ -33,8 +34,15 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         bfloat16: Run the model under bfloat16 autocast.
         spacing: Spacing for array inputs.
         return_probabilities: Also return per-class probabilities on the input grid.
-        save_to: Write the label map as NIfTI with the input's affine (atomically, never over the input).
-        overlay_to: Write a PNG of three orthogonal slices with the labels drawn over the image.
+        save_to: Write the label map as NIfTI with the input's affine (atomically, never over the input). For
+            a list of inputs it must be a folder (an existing one, or a path ending in ``/``: each label map
+            is written there as ``<input name>.nii.gz``) or a pattern with ``{index}`` and/or ``{name}``
+            (``"out/{name}_seg.nii.gz"``); one file name for several inputs is refused before anything runs.
+        overlay_to: Write a PNG of three orthogonal slices with the labels drawn over the image (for a list,
+            a folder or a pattern as for ``save_to``; files are named ``<input name>.png`` in a folder).
+
+    For a list, a failure in item ``k`` raises :class:`~medfm.errors.BatchItemError` naming the item and the
+    files earlier items already wrote (they are kept).
 
     Returns:
         A dict per input: ``segmentation`` (a :class:`~medfm.io.MedicalVolume` of labels carrying the input's
@@ -43,6 +51,41 @@ class MedicalSegmentationPipeline(MedicalPipeline):
     """
 
     _default_task = "medical-segmentation"
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(inputs, list | tuple):
+            for key, suffix in (("save_to", ".nii.gz"), ("overlay_to", ".png")):
+                if kwargs.get(key) is not None and _is_folder(kwargs[key]):
+                    Path(kwargs[key]).mkdir(parents=True, exist_ok=True)
+                    kwargs[key] = Path(kwargs[key]) / f"{_input_name(inputs, 0)}{suffix}"
+            return super().__call__(inputs, *args, **kwargs)
+        items = list(inputs)
+        destinations = {
+            key: _batch_destinations(items, kwargs.get(key), key, suffix)
+            for key, suffix in (("save_to", ".nii.gz"), ("overlay_to", ".png"))
+        }
+        results, written = [], []
+        for index, item in enumerate(items):
+            item_kwargs = dict(kwargs)
+            for key, paths in destinations.items():
+                if paths is not None:
+                    item_kwargs[key] = paths[index]
+            try:
+                result = super().__call__(item, *args, **item_kwargs)
+            except Exception as error:
+                name = _input_name(item, index)
+                already = ", ".join(str(p) for p in written) or "nothing"
+                raise BatchItemError(
+                    f"item {index} of {len(items)} ({name}) failed: {error}; already written by earlier "
+                    f"items (kept): {already}",
+                    None,
+                    index=index,
+                    written=written,
+                    error=error,
+                ) from error
+            results.append(result)
+            written += [Path(result[k]) for k in ("saved_to", "overlay") if result.get(k) is not None]
+        return results
 
     def _sanitize_parameters(
         self,
@@ -153,3 +196,80 @@ class MedicalSegmentationPipeline(MedicalPipeline):
             }
             for value, count in zip(values, counts)
         }
+
+
+_INPUT_SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom")
+
+
+def _input_name(item: Any, index: int) -> str:
+    """The name an input's outputs take in a folder: its file name without the image suffix (a DICOM folder's
+    name), or ``item-<index>`` for in-memory inputs."""
+    source = item if isinstance(item, str | os.PathLike) else getattr(item, "source_path", None)
+    if source is None:
+        return f"item-{index}"
+    name = Path(source).name
+    for suffix in _INPUT_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name or f"item-{index}"
+
+
+def _is_folder(path: str | os.PathLike) -> bool:
+    text = os.fspath(path)
+    return Path(text).is_dir() or text.endswith((os.sep, "/"))
+
+
+def _batch_destinations(
+    items: list[Any], target: str | os.PathLike | None, key: str, suffix: str
+) -> list[Path] | None:
+    """One output path per item from a folder or a ``{index}``/``{name}`` pattern.
+
+    Raises:
+        BatchOutputError: ``target`` is one file for several items, a bad pattern, or two items get one path.
+        OverwriteInputError: An item's output would be written over one of the batch's inputs.
+    """
+    if target is None:
+        return None
+    text = os.fspath(target)
+    names = [_input_name(item, index) for index, item in enumerate(items)]
+    if "{index}" in text or "{name}" in text:
+        try:
+            paths = [Path(text.format(index=i, name=n)) for i, n in enumerate(names)]
+        except (KeyError, IndexError, ValueError) as error:
+            raise BatchOutputError(
+                f"{key} pattern has a field other than {{index}} and {{name}} ({error!r})", text
+            ) from None
+    elif _is_folder(text):
+        paths = [Path(text) / f"{name}{suffix}" for name in names]
+    elif len(items) <= 1:
+        paths = [Path(text)] * len(items)
+    else:
+        raise BatchOutputError(
+            f"{key} is one file for a list of {len(items)} inputs, so each output would overwrite the last; "
+            f"pass a folder (existing, or ending in '/') or a pattern with {{index}} or {{name}}, e.g. "
+            f"'out/{{name}}{suffix}'",
+            text,
+        )
+    seen: dict[Path, int] = {}
+    for index, path in enumerate(paths):
+        resolved = path.resolve()
+        if resolved in seen:
+            raise BatchOutputError(
+                f"{key} gives items {seen[resolved]} and {index} the same output {path}; use {{index}} in a "
+                "pattern to tell them apart",
+                text,
+            )
+        seen[resolved] = index
+    sources = {}
+    for index, item in enumerate(items):
+        source = item if isinstance(item, str | os.PathLike) else getattr(item, "source_path", None)
+        if source is not None:
+            sources[Path(source).resolve()] = index
+    for index, path in enumerate(paths):
+        if path.resolve() in sources:
+            raise OverwriteInputError(
+                f"{key} for item {index} would write over input item {sources[path.resolve()]}", path
+            )
+    if _is_folder(text):
+        Path(text).mkdir(parents=True, exist_ok=True)
+    return paths

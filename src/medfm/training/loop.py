@@ -20,7 +20,10 @@ import json
 import math
 import os
 import shutil
+import struct
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ __all__ = [
     "JsonlTracker",
     "TrainingConfig",
     "TrainingHistory",
+    "checkpoint_problem",
     "cosine_with_warmup",
     "latest_checkpoint",
     "train",
@@ -143,6 +147,25 @@ class JsonlTracker(GeneralTracker):
     def finish(self) -> None:
         """Nothing to close: every line is flushed when written."""
 
+    def drop_steps_after(self, step: int) -> None:
+        """Rewrite the file (atomically) without the lines of steps after ``step`` and without unparsable lines
+        (a line cut short by a crash), so a resumed run does not log a step twice."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            logged = entry.get("step") if isinstance(entry, dict) else None
+            if isinstance(logged, int) and logged > step:
+                continue
+            kept.append(line)
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.0):
     """Linear warm-up to the peak, then cosine decay to ``min_ratio`` of it at ``total`` steps."""
@@ -156,11 +179,90 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """What makes a ``save_state`` checkpoint folder unusable, or ``None`` when it looks complete.
+
+    Checked without loading it: the folder holds model weights, an optimizer state and the loop's own state,
+    none of them empty, every safetensors file's header agrees with its size and every torch-saved file
+    (a zip archive) has its central directory (a truncated one has not).
+    """
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError as error:
+        return f"cannot be listed ({error})"
+    names = [p.name for p in files]
+    if not any(
+        n.startswith(("model", "pytorch_model")) and n.endswith((".safetensors", ".bin")) for n in names
+    ):
+        return "holds no model weights (model*.safetensors or pytorch_model*.bin)"
+    if not any(n.startswith("optimizer") and n.endswith(".bin") for n in names):
+        return "holds no optimizer state (optimizer*.bin)"
+    if not any(n.startswith("custom_checkpoint_") for n in names):
+        return "holds no training-loop state (custom_checkpoint_*.pkl)"
+    for path in files:
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                return f"{path.name} is empty"
+            if path.suffix == ".safetensors":
+                with path.open("rb") as handle:
+                    head = handle.read(8)
+                    if len(head) < 8:
+                        return f"{path.name} is truncated (no header)"
+                    (header_size,) = struct.unpack("<Q", head)
+                    if 8 + header_size > size:
+                        return f"{path.name} is truncated (header of {header_size} bytes, file of {size})"
+                    header = json.loads(handle.read(header_size))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+                if 8 + header_size + max(ends, default=0) != size:
+                    return (
+                        f"{path.name} is truncated or damaged (its header describes "
+                        f"{8 + header_size + max(ends, default=0)} bytes, the file has {size})"
+                    )
+            elif path.suffix in (".bin", ".pkl", ".pt") and zipfile.is_zipfile(path) is False:
+                with path.open("rb") as handle:
+                    magic = handle.read(2)
+                if magic == b"PK":  # a torch zip archive whose end (the central directory) is missing
+                    return f"{path.name} is truncated (its zip directory is missing)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            return f"{path.name} is unreadable ({error})"
+    return None
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporary folders are ignored)."""
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (temporary folders are ignored).
+
+    A ``step-*`` folder that is incomplete or unreadable (see :func:`checkpoint_problem`) is skipped with a
+    warning naming it, and the next older one is taken.
+    """
+    candidates = _checkpoint_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def _checkpoint_candidates(output_dir: str | os.PathLike) -> list[Path]:
+    """The usable ``step-*`` folders, newest first; unusable ones are skipped with a warning."""
     root = Path(output_dir) / "checkpoints"
-    found = sorted(root.glob("step-*")) if root.is_dir() else []
-    return found[-1] if found else None
+    found = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    usable = []
+    for folder in found:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            usable.append(folder)
+        else:
+            warnings.warn(f"skipping damaged checkpoint {folder}: {problem}", UserWarning, stacklevel=3)
+    return usable
+
+
+def _drop_logged_steps_after(accelerator, step: int) -> None:
+    """After a resume at ``step``, remove ``metrics.jsonl`` lines of later steps (they will be logged again)."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in getattr(accelerator, "trackers", []):
+        if isinstance(tracker, JsonlTracker):
+            tracker.drop_steps_after(step)
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -251,17 +353,28 @@ def train(
         accelerator.init_trackers("medfm", config={k: v for k, v in asdict(config).items() if v is not None})
 
     if config.resume_from is not None:
-        checkpoint = (
-            latest_checkpoint(config.output_dir)
-            if config.resume_from == "latest"
-            else Path(config.resume_from)
-        )
-        if checkpoint is None or not checkpoint.is_dir():
+        if config.resume_from == "latest":
+            candidates = _checkpoint_candidates(config.output_dir) if config.output_dir is not None else []
+        else:
+            candidates = [Path(config.resume_from)] if Path(config.resume_from).is_dir() else []
+        if not candidates:
             raise FileNotFoundError(
                 f"no checkpoint to resume from ({config.resume_from!r} in {config.output_dir})"
             )
-        accelerator.load_state(str(checkpoint))
+        for position, checkpoint in enumerate(candidates):
+            try:
+                accelerator.load_state(str(checkpoint))
+                break
+            except Exception as error:  # an unreadable checkpoint: fall back to an older one
+                if config.resume_from != "latest" or position == len(candidates) - 1:
+                    raise
+                warnings.warn(
+                    f"skipping damaged checkpoint {checkpoint}: it cannot be loaded ({error})",
+                    UserWarning,
+                    stacklevel=2,
+                )
         accelerator.print(f"resumed from {checkpoint} at step {progress.step}")
+        _drop_logged_steps_after(accelerator, progress.step)
     if progress.step >= config.steps:
         accelerator.print(f"nothing to train: the checkpoint is at step {progress.step} of {config.steps}")
     if data_position is not None:
