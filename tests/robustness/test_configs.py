@@ -84,3 +84,27 @@ def test_valid_configs_still_build() -> None:
     SpadViTConfig(**TINY_VIT)
     SpadViTConfig(**TINY_VIT, num_labels=2, id2label={0: "a", 1: "b"})
     SpadVTConfig()
+
+
+def test_more_blocks_in_the_checkpoint_than_the_config_is_refused_unless_asked(tmp_path) -> None:
+    """Loading a 2-block checkpoint with num_hidden_layers=1 would silently drop a block."""
+    from medfm.errors import InvalidConfigError
+    from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling, SpadViTModel
+
+    tiny = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pos_embed_shape=(2, 2, 2),
+    )
+    SpadViTForMaskedImageModeling(SpadViTConfig(**tiny)).save_pretrained(
+        tmp_path
+    )  # keys under spad_vit.blocks.N
+    with pytest.raises(InvalidConfigError, match="holds 2 blocks but num_hidden_layers=1"):
+        SpadViTModel.from_pretrained(tmp_path, num_hidden_layers=1, out_indices=[0, 0, 0, 0])
+    model = SpadViTModel.from_pretrained(
+        tmp_path, num_hidden_layers=1, out_indices=[0, 0, 0, 0], allow_fewer_layers=True
+    )
+    assert len(model.blocks) == 1
+    assert len(SpadViTModel.from_pretrained(tmp_path).blocks) == 2

@@ -100,6 +100,29 @@ def _pixel_data(path: str, rows: int, columns: int) -> tuple[np.ndarray, Any]:
     return pixels, ds
 
 
+def _palette_mapped(pixels: np.ndarray, ds: Any, path: str) -> np.ndarray:
+    """A PALETTE COLOR slice mapped through its own lookup tables to (rows, columns, 3) RGB.
+
+    Raises:
+        UnsupportedFormatError: The file holds no usable palette (missing or malformed lookup tables).
+    """
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = apply_color_lut(pixels, ds)
+    except Exception as error:  # pydicom raises ValueError/KeyError/... for missing or malformed tables
+        raise UnsupportedFormatError(
+            f"PALETTE COLOR image whose palette cannot be applied ({type(error).__name__}: {error}); "
+            "expected Red/Green/Blue Palette Color Lookup Table Descriptor and Data",
+            path,
+        ) from error
+    if rgb.shape != (*pixels.shape, 3):
+        raise UnsupportedFormatError(
+            f"PALETTE COLOR mapping gave shape {tuple(rgb.shape)}; expected {(*pixels.shape, 3)}", path
+        )
+    return rgb
+
+
 def _rescaled(pixels: np.ndarray, ds: Any) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
@@ -239,7 +262,8 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
     Slices are sorted along the slice normal; the slice axis of the affine runs from the first slice's
     ImagePositionPatient to the last's, so gantry-tilted series keep their (sheared) geometry. Stored
     values are rescaled (CT in Hounsfield units); MONOCHROME1 images are inverted so that higher means
-    brighter, as in every other modality.
+    brighter, as in every other modality; PALETTE COLOR images are mapped through their lookup tables to
+    three (RGB) channels.
 
     Args:
         path: A DICOM file, or a folder (searched recursively) of DICOM slices.
@@ -252,7 +276,8 @@ def read_dicom(path: str | os.PathLike, *, series_uid: str | None = None) -> Med
         DicomSeriesError: Slices disagree on size, orientation or pixel spacing, share a position, or are
             not evenly spaced.
         CorruptFileError: A file's header or pixel data cannot be decoded.
-        UnsupportedFormatError: A single file that is not a DICOM image, or a multi-frame file.
+        UnsupportedFormatError: A single file that is not a DICOM image, a multi-frame file, or a PALETTE
+            COLOR image whose lookup tables are missing or malformed.
     """
     path = Path(path)
     label = os.fspath(path)
@@ -292,6 +317,8 @@ def _check_pixel_budget(ds: Any, rows: int, columns: int, count: int, label: str
     stored = max(1, -(-int(ds.get("BitsAllocated", 16) or 16) // 8))
     rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
     itemsize = max(stored, 4) if rescaled else stored
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        samples, itemsize = 3, 4  # mapped to RGB through 8- or 16-bit tables, then widened to int32
     shape = (count, rows, columns) if samples == 1 else (count, rows, columns, samples)
     voxels = count * rows * columns * samples
     check_allocation(
@@ -322,7 +349,10 @@ def _assemble(slices: list[_Slice], label: str) -> MedicalVolume:
     planes = []
     for s in slices:
         pixels, ds = _pixel_data(s.path, rows, columns)
-        planes.append(_rescaled(pixels, ds))
+        if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":  # indices into a colour table
+            planes.append(_palette_mapped(pixels, ds, s.path))
+        else:
+            planes.append(_rescaled(pixels, ds))
     stacked = np.stack(planes)  # (k, rows, cols) or (k, rows, cols, samples)
     photometric = str(first.get("PhotometricInterpretation", ""))
     if photometric == "MONOCHROME1":  # stored so that low values are bright: flip to the usual sense

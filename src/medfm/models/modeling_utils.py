@@ -163,14 +163,59 @@ class MedfmModelMixin:
 class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
     """Base of medfm's own model classes: transformers' :class:`PreTrainedModel` plus the medfm contract."""
 
+    #: Regex whose first group is a block index in the checkpoint's keys (``None``: the family has no blocks).
+    layer_key_pattern: ClassVar[str | None] = None
+    #: The config field counting those blocks.
+    layer_count_field: ClassVar[str] = "num_hidden_layers"
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; a self-contained adapter folder (see :func:`adapter_base_model`)
-        also loads as it is: its architecture from its ``config.json``, the base model's weights, its adapter."""
+        also loads as it is: its architecture from its ``config.json``, the base model's weights, its adapter.
+
+        A local checkpoint holding more blocks than the config asks for (``num_hidden_layers=2`` on a 12-block
+        model) is refused, since the extra blocks would be silently dropped; pass ``allow_fewer_layers=True``
+        to truncate on purpose.
+        """
+        allow_fewer = bool(kwargs.pop("allow_fewer_layers", False))
         base = adapter_base_model(pretrained_model_name_or_path)
         if base is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if not allow_fewer:
+                _check_layer_count(model, pretrained_model_name_or_path)
+            return model
         return _load_self_contained_adapter(cls, pretrained_model_name_or_path, base, args, kwargs)
+
+
+def _check_layer_count(model: Any, source: Any) -> None:
+    """Refuse a model built with fewer blocks than its local checkpoint holds."""
+    import re
+    from pathlib import Path
+
+    pattern = getattr(model, "layer_key_pattern", None)
+    folder = Path(str(source))
+    if pattern is None or not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    held = set()
+    for path in folder.glob("*.safetensors"):
+        if path.name.startswith("adapter_"):
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                match = re.search(pattern, key)
+                if match:
+                    held.add(int(match.group(1)))
+    wanted = int(getattr(model.config, model.layer_count_field, 0) or 0)
+    if held and max(held) + 1 > wanted:
+        from ..errors import InvalidConfigError
+
+        raise InvalidConfigError(
+            f"the checkpoint holds {max(held) + 1} blocks but {model.layer_count_field}={wanted} would drop "
+            f"{max(held) + 1 - wanted} of them; pass allow_fewer_layers=True to truncate on purpose",
+            str(source),
+        )
 
 
 class InferredContract(MedfmModelMixin):

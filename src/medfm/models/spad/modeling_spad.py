@@ -201,6 +201,7 @@ class SpadViTPreTrainedModel(MedfmPreTrainedModel):
     input_spatial_dims = (2, 3)
     accepts_spacing = True
     pooling = "cls"
+    layer_key_pattern = r"(?:^|\.)blocks\.(\d+)\."
 
     def required_input_multiple(self, spacing=None) -> tuple[int, ...]:
         """The effective patch at the input's anisotropy level (without spacing: the full ``P`` in depth)."""
