@@ -78,3 +78,38 @@ def test_non_finite_logits_are_not_a_label_map(tmp_path: Path) -> None:
         model.decoder.heads[0].bias.fill_(float("nan"))
     with pytest.raises(NonFiniteOutputError, match="non-finite logits"):
         sliding_window_logits(model, torch.randn(1, 8, 32, 64))
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing(
+    tmp_path: Path, anatomical_path: Path, monkeypatch
+) -> None:
+    """Writers report a full disk (or a file too large) as a typed error naming the output; no partial file."""
+    import errno
+
+    import nibabel
+
+    from medfm.errors import OutputWriteError
+    from medfm.io import write_nifti
+
+    volume = load_volume(anatomical_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nibabel, "save", full_disk)
+    target = tmp_path / "out" / "seg.nii.gz"
+    with pytest.raises(OutputWriteError, match="the disk is full") as raised:
+        write_nifti(volume, target)
+    assert str(target) in str(raised.value)
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_percentile_clip_of_an_image_spanning_float32(tmp_path: Path) -> None:
+    """Finite float32 values near +/-3.4e38 used to overflow (x - low) and were refused; now rescaled."""
+    array = np.linspace(-3.0e38, 3.0e38, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    out = MedicalImageProcessor(steps=[{"name": "percentile_clip", "rescale": True}])(
+        array, spacing=(1.0, 1.0, 1.0)
+    )
+    values = out["pixel_values"]
+    assert torch.isfinite(values).all()
+    assert float(values.min()) == pytest.approx(0.0, abs=1e-6) and float(values.max()) == pytest.approx(1.0, abs=1e-6)

@@ -7,12 +7,22 @@ medfm replaces the file its data came from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import OverwriteInputError
+from ..errors import OutputWriteError, OverwriteInputError
+
+# OS errors that mean the output cannot be written, and how to say so.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is too large for this file system",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
 
 __all__ = ["atomic_output", "compound_suffix", "refuse_overwrite"]
 
@@ -72,7 +82,12 @@ def atomic_output(
     try:
         yield tmp
         os.replace(tmp, destination)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        reason = _WRITE_FAILURES.get(getattr(error, "errno", None))
+        if reason is not None and not isinstance(error, OutputWriteError):
+            raise OutputWriteError(
+                f"cannot write it: {reason} ({error}); nothing was left behind", destination
+            ) from error
         raise

@@ -275,7 +275,10 @@ class PercentileClip(Step):
             low, high = (float(v) for v in np.percentile(values, [self.lower, self.upper]))
             clipped = channel.clamp(low, high)
             if self.rescale:
-                clipped = (clipped - low) / (high - low) if high > low else torch.zeros_like(clipped)
+                # In float64: an image spanning most of float32's range would overflow (x - low) in float32.
+                wide = channel.double().clamp(low, high)
+                scaled = (wide - low) / (high - low) if high > low else torch.zeros_like(wide)
+                clipped = scaled.to(torch.float32)
             out.append(clipped)
         state.tensor = torch.stack(out)
 
