@@ -112,4 +112,6 @@ def test_percentile_clip_of_an_image_spanning_float32(tmp_path: Path) -> None:
     )
     values = out["pixel_values"]
     assert torch.isfinite(values).all()
-    assert float(values.min()) == pytest.approx(0.0, abs=1e-6) and float(values.max()) == pytest.approx(1.0, abs=1e-6)
+    assert float(values.min()) == pytest.approx(0.0, abs=1e-6) and float(values.max()) == pytest.approx(
+        1.0, abs=1e-6
+    )
