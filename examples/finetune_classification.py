@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from medfm.training.arguments import (
@@ -25,6 +24,7 @@ from medfm.training.arguments import (
     add_training_arguments,
     load_for_task,
     parameter_counts,
+    run_script,
     save_fine_tuned,
     save_trainable_parameters_only,
     training_config,
@@ -162,10 +162,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from medfm.errors import MedfmError
-
-    try:
-        main()
-    except MedfmError as error:  # bad data or options: one line naming the file and the fix, exit 2
-        print(f"finetune_classification.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_script(main)

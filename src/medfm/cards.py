@@ -74,17 +74,10 @@ def pipeline_tag_for(architecture: str | None) -> tuple[str, str] | None:
 
 def _parameter_count(folder: Path, adapter: bool = False) -> int | None:
     """Parameters in the folder's full weights, or (``adapter``) in its adapter file."""
-    weights = sorted(p for p in folder.glob("*.safetensors") if p.name.startswith("adapter_") == adapter)
-    if not weights:
-        return None
-    from safetensors import safe_open
+    from .models.modeling_utils import checkpoint_shapes
 
-    total = 0
-    for path in weights:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                total += math.prod(handle.get_slice(key).get_shape())
-    return total
+    shapes = checkpoint_shapes(folder, adapter=adapter)
+    return sum(math.prod(shape) for shape in shapes.values()) if shapes else None
 
 
 def _size_name(config: Any) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "DeviceUnavailableError",
     "DicomSeriesError",
     "EmptySeriesError",
+    "HubUploadError",
     "InvalidConfigError",
     "InvalidGeometryError",
     "InvalidIntensityError",
@@ -29,10 +30,12 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelProcessorMismatchError",
+    "NonFiniteOutputError",
     "NonFiniteWeightsError",
     "OutputPathError",
     "OutputWriteError",
     "OverwriteInputError",
+    "PretrainingOptionError",
     "ProcessorConfigError",
     "UnsupportedFormatError",
     "VolumeNotFoundError",
@@ -169,3 +172,16 @@ class BatchItemError(MedfmError, ValueError):
 
 class ModelProcessorMismatchError(MedfmError, ValueError):
     """A model and its processor disagree (channels, spatial dims): the message says which file to fix."""
+
+
+class NonFiniteOutputError(MedfmError, ArithmeticError):
+    """A model produced NaN or Inf where an answer was expected."""
+
+
+class HubUploadError(MedfmError, ConnectionError):
+    """The Hub could not be reached or refused the upload (the message says what was kept and where)."""
+
+
+class PretrainingOptionError(MedfmError, ValueError):
+    """A command-line option of a pre-training run has a value the run cannot use; the message names the
+    option, the value and what is allowed."""

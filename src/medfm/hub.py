@@ -20,7 +20,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard
 
-from .errors import MedfmError
+from .errors import HubUploadError
 from .io.atomic import atomic_output
 
 __all__ = [
@@ -220,10 +220,6 @@ def _save_for_hub(model: Any, folder: Path, repo_id: str) -> None:
     settings = json.loads(adapter_file.read_text())
     settings["base_model_name_or_path"] = repo_id  # the uploaded folder is itself what PEFT loads
     adapter_file.write_text(json.dumps(settings, indent=2))
-
-
-class HubUploadError(MedfmError, ConnectionError):
-    """The Hub could not be reached or refused the upload (the message says what was kept and where)."""
 
 
 def _first_line(error: BaseException) -> str:

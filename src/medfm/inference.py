@@ -17,13 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import MedfmError
+from .errors import NonFiniteOutputError
 from .models.modeling_utils import model_contract
-
-
-class NonFiniteOutputError(MedfmError, ArithmeticError):
-    """A model produced NaN or Inf where an answer was expected."""
-
 
 __all__ = [
     "DEFAULT_ROI_EDGE",

@@ -26,19 +26,14 @@ from typing import Any
 from peft import LoraConfig
 from torch import nn
 
-from .models.modeling_utils import ADAPTER_BASE_MODEL_KEY
+from .models.modeling_utils import ADAPTER_BASE_MODEL_KEY, unwrap_model
 from .models.registry import family_of
 
 __all__ = ["adapter_targets", "lora_config", "save_adapter", "trainable_heads"]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) else model
-
-
 def _preset(model: nn.Module):
-    model = _unwrap(model)
+    model = unwrap_model(model)
     try:
         family = family_of(model)
     except KeyError as error:

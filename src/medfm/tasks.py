@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import WrongTaskError
+from .models.modeling_utils import unwrap_model
 
 __all__ = ["TASKS", "check_task", "model_task"]
 
@@ -82,24 +83,13 @@ def _normalise(task: str) -> str:
     return task
 
 
-def _unwrap(model: Any) -> Any:
-    """Look through PEFT (``get_base_model``) and DDP (``module``) wrappers."""
-    for _ in range(4):
-        unwrap = getattr(model, "get_base_model", None)
-        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
-        if inner is None or inner is model:
-            break
-        model = inner
-    return model
-
-
 def _describe(
     model_or_config: Any, architecture: str | None = None
 ) -> tuple[str | None, str | None, type | None]:
     """(task, class name, config class) of a model, a config, or a config plus an architecture name."""
     from transformers import PretrainedConfig
 
-    item = _unwrap(model_or_config)
+    item = unwrap_model(model_or_config)
     if isinstance(item, PretrainedConfig):
         config = item
         if architecture is None:

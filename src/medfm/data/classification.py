@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DatasetError, VolumeNotFoundError
-from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
+from ..layers.anisotropy import grid_anisotropy
 
 __all__ = [
     "ClassificationSample",
@@ -138,9 +138,7 @@ def stratified_split(
 
 def anisotropy_group(sample: ClassificationSample) -> int:
     """The anisotropy level of a sample (single-slice images are 2D, level 5, whatever their thickness)."""
-    if sample.pixel_values.shape[1] == 1:
-        return TWO_D_ANISO_D
-    return aniso_d_from_spacing(sample.spacing)
+    return grid_anisotropy(sample.pixel_values.shape[1], sample.spacing)
 
 
 class GroupedBatchSampler:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import MedfmError
 from ..io import load_volume
-from ..layers.anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
+from ..layers.anisotropy import TWO_D_ANISO_D, grid_anisotropy
 from ..processing import MedicalImageProcessor
 from .sources import VolumeInfo
 
@@ -48,7 +48,7 @@ def _stable_seed(*parts: int) -> int:
 
 def anisotropy_level(info: VolumeInfo, patch: int = 16) -> int:
     """The SPAD ``aniso_d`` a volume is sampled at; a real 2D image (one slice) is 2D whatever its z-spacing."""
-    return TWO_D_ANISO_D if info.shape[0] == 1 else aniso_d_from_spacing(info.spacing, max_stride=patch)
+    return grid_anisotropy(info.shape[0], info.spacing, max_stride=patch)
 
 
 class AnisotropyBatchSampler:

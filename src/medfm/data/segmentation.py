@@ -174,15 +174,16 @@ def load_segmentation_pairs(source: str | os.PathLike) -> list[tuple[Path, Path]
 
 
 def load_modality(source: str | os.PathLike) -> str | None:
-    """The modality a Decathlon ``dataset.json`` names (``"modality": {"0": "CT"}``), channels joined by ``+``."""
+    """The modality a Decathlon ``dataset.json`` names (``"modality": {"0": "CT"}``), channels joined by ``+``.
+
+    Raises:
+        DatasetError: The file is not a JSON object (see :func:`read_dataset_json`).
+    """
     source = Path(source)
     source = source / "dataset.json" if source.is_dir() else source
     if not source.is_file() or source.suffix != ".json":
         return None
-    try:
-        entry = json.loads(source.read_text()).get("modality")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    entry = read_dataset_json(source).get("modality")
     if isinstance(entry, dict) and entry:
         return " + ".join(str(entry[key]) for key in sorted(entry, key=str))
     return str(entry) if isinstance(entry, str) else None

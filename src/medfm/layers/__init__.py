@@ -4,7 +4,7 @@ Each module is small and tested on its own in ``tests/layers/``; a family subcla
 keeps only what is its own. Decoders live in :mod:`medfm.layers.decoders` (one module each).
 """
 
-from .anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing
+from .anisotropy import TWO_D_ANISO_D, aniso_d_from_spacing, grid_anisotropy
 from .attention import AttentionCore, eager_attention_forward, merge_heads, split_heads
 from .blocks import PreNormBlock
 from .drop import DropPath, drop_path, drop_path_rates
@@ -60,6 +60,7 @@ __all__ = [
     "drop_path_rates",
     "eager_attention_forward",
     "gather_tokens",
+    "grid_anisotropy",
     "mask_from_noise",
     "masked_reconstruction_loss",
     "merge_heads",

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["TWO_D_ANISO_D", "aniso_d_from_spacing"]
+__all__ = ["TWO_D_ANISO_D", "aniso_d_from_spacing", "grid_anisotropy"]
 
 #: ``aniso_d`` of a 2D image (z-spacing 1e8): every downsampling of a 16-stride network is in-plane.
 TWO_D_ANISO_D = 5
@@ -42,3 +42,10 @@ def aniso_d_from_spacing(spacing: torch.Tensor | list | tuple, max_stride: int =
             "batch volumes of the same spacing class together"
         )
     return levels.pop()
+
+
+def grid_anisotropy(depth: int, spacing: torch.Tensor | list | tuple, max_stride: int = 16) -> int:
+    """The anisotropy level of a grid ``depth`` slices deep: a single slice is a 2D image, level
+    :data:`TWO_D_ANISO_D`, whatever its slice thickness (spec: 2D images get z-spacing 1e8); otherwise
+    :func:`aniso_d_from_spacing`."""
+    return TWO_D_ANISO_D if int(depth) == 1 else aniso_d_from_spacing(spacing, max_stride=max_stride)

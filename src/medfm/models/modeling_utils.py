@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -25,8 +26,10 @@ __all__ = [
     "MedfmPreTrainedModel",
     "adapter_base_model",
     "as_volume",
+    "checkpoint_shapes",
     "classification_loss",
     "model_contract",
+    "unwrap_model",
 ]
 
 
@@ -187,6 +190,23 @@ class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
         return _load_self_contained_adapter(cls, pretrained_model_name_or_path, base, args, kwargs)
 
 
+def checkpoint_shapes(folder: str | os.PathLike, adapter: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors in a folder's ``*.safetensors`` files, read from their headers only: the
+    model's weights, or (``adapter``) its ``adapter_*`` files."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if path.name.startswith("adapter_") != adapter:
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
 def _check_layer_count(model: Any, source: Any) -> None:
     """Refuse a model built with fewer blocks than its local checkpoint holds."""
     import re
@@ -196,17 +216,7 @@ def _check_layer_count(model: Any, source: Any) -> None:
     folder = Path(str(source))
     if pattern is None or not folder.is_dir():
         return
-    from safetensors import safe_open
-
-    held = set()
-    for path in folder.glob("*.safetensors"):
-        if path.name.startswith("adapter_"):
-            continue
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                match = re.search(pattern, key)
-                if match:
-                    held.add(int(match.group(1)))
+    held = {int(m.group(1)) for key in checkpoint_shapes(folder) if (m := re.search(pattern, key))}
     wanted = int(getattr(model.config, model.layer_count_field, 0) or 0)
     if held and max(held) + 1 > wanted:
         from ..errors import InvalidConfigError
@@ -242,6 +252,17 @@ class InferredContract(MedfmModelMixin):
         raise AttributeError(f"{type(self.model).__name__}'s config names no input channel count")
 
 
+def unwrap_model(model: Any) -> Any:
+    """The model inside PEFT (``get_base_model``) and DDP/FSDP (``module``) wrappers, however nested."""
+    for _ in range(4):
+        unwrap = getattr(model, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
+        if inner is None or inner is model:
+            break
+        model = inner
+    return model
+
+
 def model_contract(model: nn.Module) -> MedfmModelMixin:
     """The medfm contract of ``model`` (a PEFT or DDP wrapper is looked through).
 
@@ -251,15 +272,9 @@ def model_contract(model: nn.Module) -> MedfmModelMixin:
     Raises:
         TypeError: ``model`` has no config (it is not a transformers model).
     """
-    seen = model
-    for _ in range(4):
-        if isinstance(seen, MedfmModelMixin):
-            return seen
-        unwrap = getattr(seen, "get_base_model", None)
-        inner = unwrap() if callable(unwrap) else getattr(seen, "module", None)
-        if inner is None:
-            break
-        seen = inner
+    seen = unwrap_model(model)
+    if isinstance(seen, MedfmModelMixin):
+        return seen
     if getattr(seen, "config", None) is not None and callable(getattr(seen, "forward", None)):
         return InferredContract(seen)
     raise TypeError(

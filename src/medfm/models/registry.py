@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from .family import ModelFamily
+from .modeling_utils import unwrap_model
 
 #: The family packages, each exporting ``FAMILY``.
 FAMILY_MODULES: tuple[str, ...] = ("medfm.models.spad",)
@@ -40,16 +41,13 @@ def family_named(name: str) -> ModelFamily:
 def family_of(model: object) -> ModelFamily:
     """The family a model (or model class, or config) belongs to, found by class, never by ``model_type``.
 
-    A PEFT or DDP wrapper is looked through.
+    A PEFT or DDP wrapper is looked through (:func:`~medfm.models.modeling_utils.unwrap_model`).
 
     Raises:
         KeyError: No family lists the class.
     """
-    for _ in range(4):
-        unwrap = getattr(model, "get_base_model", None)
-        if not callable(unwrap):
-            break
-        model = unwrap()
+    if not isinstance(model, type):
+        model = unwrap_model(model)
     cls = model if isinstance(model, type) else type(model)
     for family in families():
         if any(issubclass(cls, known) for known in (*family.model_classes, *family.configs)):

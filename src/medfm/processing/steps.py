@@ -419,13 +419,10 @@ class PadToMultiple(Step):
         """The multiple per axis for a grid of ``shape`` ``(D, H, W)`` and ``spacing``."""
         multiple = list(self.multiple)  # type: ignore[arg-type]
         if self.anisotropy_stride is not None:
-            from ..layers.anisotropy import aniso_d_from_spacing
+            from ..layers.anisotropy import grid_anisotropy
 
-            if shape[0] == 1:
-                multiple[0] = 1
-            else:
-                level = aniso_d_from_spacing(spacing, max_stride=self.anisotropy_stride)
-                multiple[0] = max(self.anisotropy_stride >> level, 1)
+            level = grid_anisotropy(shape[0], spacing, max_stride=self.anisotropy_stride)
+            multiple[0] = max(self.anisotropy_stride >> level, 1)  # 1 for a single slice
         return multiple
 
     def apply(self, state: ProcessingState) -> None:

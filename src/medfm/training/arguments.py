@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ __all__ = [
     "add_training_arguments",
     "load_for_task",
     "parameter_counts",
+    "run_script",
     "save_fine_tuned",
     "save_trainable_parameters_only",
     "spellings",
@@ -212,3 +215,15 @@ def save_fine_tuned(
 
     processor.padded_for(model_contract(model).input_padding_step()).save_pretrained(output)
     return kind
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run an example script's ``main``: bad data or options (a :class:`~medfm.errors.MedfmError`) end as one
+    line naming the file and the fix, with exit status 2, instead of a traceback."""
+    from ..errors import MedfmError
+
+    try:
+        main()
+    except MedfmError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

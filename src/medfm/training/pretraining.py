@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import MedfmError
+from ..errors import PretrainingOptionError
 
 __all__ = [
     "PretrainingOptionError",
@@ -23,11 +23,6 @@ __all__ = [
     "resolve_tokenizer",
     "run_pretraining",
 ]
-
-
-class PretrainingOptionError(MedfmError, ValueError):
-    """A command-line option of a pre-training run has a value the run cannot use; the message names the
-    option, the value and what is allowed."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from ...layers.anisotropy import grid_anisotropy
 from ...layers.attention import AttentionCore
 from ...layers.blocks import PreNormBlock
 from ...layers.decoders.feature_pyramid import SimpleFeaturePyramid
@@ -37,7 +38,7 @@ from ...layers.rope import Rope3D, TokenRotation
 from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences, packed_inputs
 from ..modeling_utils import MedfmPreTrainedModel, as_volume, classification_loss
 from .configuration_spad import SpadViTConfig
-from .spad_conv import TWO_D_ANISO_D, SpadConv3d, aniso_d_from_spacing
+from .spad_conv import SpadConv3d, aniso_d_from_spacing
 
 logger = logging.get_logger(__name__)
 
@@ -276,10 +277,8 @@ class SpadViTModel(SpadViTPreTrainedModel):
         """``aniso_d`` if given, else 5 for a single-slice input, else from ``spacing`` (fixed patches need none)."""
         if aniso_d is not None:
             return int(aniso_d)
-        if pixel_values.shape[2] == 1:  # a 2D image is 2D whatever its slice thickness (spec: z-spacing 1e8)
-            return TWO_D_ANISO_D
-        if spacing is not None:
-            return aniso_d_from_spacing(spacing, max_stride=self.config.patch_size[0])
+        if spacing is not None or pixel_values.shape[2] == 1:
+            return grid_anisotropy(pixel_values.shape[2], spacing, max_stride=self.config.patch_size[0])
         if not self.config.adaptive_patch_embed:
             return 0
         raise ValueError(

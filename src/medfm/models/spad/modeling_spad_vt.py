@@ -16,10 +16,11 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
+from ...layers.anisotropy import grid_anisotropy
 from ...layers.norm import ChannelsFirstLayerNorm
 from ..modeling_utils import MedfmPreTrainedModel, as_volume
 from .configuration_spad import SpadVTConfig
-from .spad_conv import TWO_D_ANISO_D, SpadConv3d, SpadConvTranspose3d, aniso_d_from_spacing
+from .spad_conv import SpadConv3d, SpadConvTranspose3d, aniso_d_from_spacing
 
 __all__ = ["SpadVTEncoderOutput", "SpadVTModel", "SpadVTOutput", "SpadVTPreTrainedModel"]
 
@@ -190,10 +191,8 @@ class SpadVTModel(SpadVTPreTrainedModel):
     def resolve_aniso_d(self, pixel_values: torch.Tensor, spacing=None, aniso_d: int | None = None) -> int:
         if aniso_d is not None:
             return int(aniso_d)
-        if pixel_values.shape[2] == 1:  # a 2D image is 2D whatever its slice thickness (spec: z-spacing 1e8)
-            return TWO_D_ANISO_D
-        if spacing is not None:
-            return aniso_d_from_spacing(spacing, max_stride=self.config.total_stride)
+        if spacing is not None or pixel_values.shape[2] == 1:
+            return grid_anisotropy(pixel_values.shape[2], spacing, max_stride=self.config.total_stride)
         raise ValueError("SPAD-VT needs the spacing of a 3D input: pass spacing=(z, y, x) mm or aniso_d")
 
     def _check_size(self, volume: torch.Tensor, aniso_d: int) -> None:
