@@ -7,38 +7,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import PretrainedConfig, PreTrainedModel, pipeline
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers import pipeline
 
 import medfm  # noqa: F401
 from medfm.io import load_volume
 from medfm.processing import MedicalImageProcessor
 
+from ..common.threshold_model import ThresholdConfig, ThresholdSegmenter
 from ..common.tiny_models import save_tiny_segmentation_model
 from ..conftest import write_dicom_series
-
-
-class ThresholdConfig(PretrainedConfig):
-    model_type = "medfm_test_threshold"
-
-
-class ThresholdSegmenter(PreTrainedModel):
-    """A transparent 'model': label 1 where the processed intensity is above 0.5. Counts its calls."""
-
-    config_class = ThresholdConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.calls = 0
-        self.post_init()
-
-    def forward(self, pixel_values, **kwargs):
-        self.calls += 1
-        x = pixel_values[:, :1] - 0.5 + 0 * self.anchor
-        return SemanticSegmenterOutput(logits=torch.cat([-x, x], dim=1) * 20)
 
 
 @pytest.fixture

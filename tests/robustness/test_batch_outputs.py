@@ -9,35 +9,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from transformers import PretrainedConfig, PreTrainedModel, pipeline
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers import pipeline
 
 import medfm  # noqa: F401
 from medfm.errors import BatchItemError, BatchOutputError, MedfmError, OverwriteInputError
 from medfm.processing import MedicalImageProcessor
 
-
-class _Config(PretrainedConfig):
-    model_type = "medfm_test_batch_threshold"
-
-
-class _Threshold(PreTrainedModel):
-    config_class = _Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.post_init()
-
-    def forward(self, pixel_values, **kwargs):
-        x = pixel_values[:, :1] - 0.5 + 0 * self.anchor
-        return SemanticSegmenterOutput(logits=torch.cat([-x, x], dim=1) * 20)
+from ..common.threshold_model import ThresholdConfig, ThresholdSegmenter
 
 
 @pytest.fixture
 def segmenter():
-    model = _Threshold(_Config(id2label={0: "background", 1: "bright"})).eval()
+    model = ThresholdSegmenter(ThresholdConfig(id2label={0: "background", 1: "bright"})).eval()
     processor = MedicalImageProcessor(steps=[{"name": "minmax"}, {"name": "pad_to_multiple", "multiple": 8}])
     return pipeline("medical-segmentation", model=model, image_processor=processor)
 

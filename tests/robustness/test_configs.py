@@ -91,14 +91,7 @@ def test_more_blocks_in_the_checkpoint_than_the_config_is_refused_unless_asked(t
     from medfm.errors import InvalidConfigError
     from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling, SpadViTModel
 
-    tiny = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pos_embed_shape=(2, 2, 2),
-    )
-    SpadViTForMaskedImageModeling(SpadViTConfig(**tiny)).save_pretrained(
+    SpadViTForMaskedImageModeling(SpadViTConfig(**TINY_VIT)).save_pretrained(
         tmp_path
     )  # keys under spad_vit.blocks.N
     with pytest.raises(InvalidConfigError, match="holds 2 blocks but num_hidden_layers=1"):
