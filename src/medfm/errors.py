@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CorruptFileError",
     "DatasetError",
+    "DistributedLaunchError",
     "DeviceUnavailableError",
     "DicomSeriesError",
     "EmptySeriesError",
@@ -185,3 +186,8 @@ class HubUploadError(MedfmError, ConnectionError):
 class PretrainingOptionError(MedfmError, ValueError):
     """A command-line option of a pre-training run has a value the run cannot use; the message names the
     option, the value and what is allowed."""
+
+
+class DistributedLaunchError(MedfmError, RuntimeError):
+    """A multi-process launch the training loop cannot run as launched (processes that do not see each
+    other, an engine setting missing); the message says which setting to change."""

@@ -77,6 +77,7 @@ def training_config(args: argparse.Namespace, **overrides) -> TrainingConfig:
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         resume_from=getattr(args, "resume_from_checkpoint", None),
+        micro_batch_size=args.batch_size,
     )
     settings.update(overrides)
     return TrainingConfig(**settings)

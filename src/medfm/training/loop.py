@@ -34,6 +34,7 @@ from accelerate.tracking import GeneralTracker
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DistributedLaunchError
 from .objectives.base import PretrainingObjective, clip_gradients, default_parameter_groups, unwrap_objective
 
 __all__ = [
@@ -69,6 +70,9 @@ class TrainingConfig:
         resume_from: ``"latest"`` or a checkpoint folder to resume from; ``None`` to start afresh.
         stop_after: Stop after this step (the schedule still spans ``steps``): an interruption, for tests
             and for jobs cut into time slices.
+        micro_batch_size: Samples per process in one micro-batch. DeepSpeed needs it to build its engine
+            (``train_micro_batch_size_per_gpu``) because the loop passes it no DataLoader; other engines
+            ignore it.
     """
 
     steps: int = 1000
@@ -87,6 +91,7 @@ class TrainingConfig:
     log_every: int = 10
     resume_from: str | None = None
     stop_after: int | None = None
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:
@@ -296,6 +301,44 @@ def _make_accelerator(config: TrainingConfig):
     )
 
 
+def _check_process_group(accelerator) -> None:
+    """Refuse a launch whose processes do not see each other.
+
+    Accelerate (1.15) builds a process group only on an accelerator, or on CPU when asked (``use_cpu: true``
+    or ``ACCELERATE_USE_CPU=1``). Otherwise ``accelerate launch --num_processes N`` on a CPU machine starts N
+    processes that each train alone, all acting as the main process (same logs, racing checkpoints).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise DistributedLaunchError(
+            f"{launched} processes were launched but each runs alone (Accelerate sees "
+            f"{accelerator.num_processes}, distributed type {accelerator.distributed_type}): on a machine without "
+            "GPUs set use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=1), which runs the processes "
+            "as CPU data parallel; FSDP and DeepSpeed shard only on GPUs"
+        )
+
+
+def _configure_deepspeed(accelerator, config: TrainingConfig) -> None:
+    """Give DeepSpeed the micro-batch size it would otherwise read off a prepared DataLoader."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    settings = plugin.deepspeed_config
+    if settings.get("train_micro_batch_size_per_gpu", "auto") != "auto":
+        return
+    if config.micro_batch_size is None:
+        raise DistributedLaunchError(
+            "DeepSpeed needs the micro-batch size per process: set TrainingConfig.micro_batch_size (the "
+            "pre-training and fine-tuning scripts set it from --batch-size) or train_micro_batch_size_per_gpu "
+            "in the DeepSpeed config"
+        )
+    settings["train_micro_batch_size_per_gpu"] = int(config.micro_batch_size)
+    if settings.get("train_batch_size", "auto") == "auto":
+        settings["train_batch_size"] = (
+            int(config.micro_batch_size) * config.accumulation_steps * accelerator.num_processes
+        )
+
+
 def _save_checkpoint(accelerator, output_dir: str, step: int, keep_last: int) -> None:
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -346,6 +389,8 @@ def train(
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     # The scheduler is not prepared: Accelerate's wrapper steps it once per process, which with N processes
     # would run the schedule N times too fast. It steps once per optimizer step here, and is checkpointed.
+    _check_process_group(accelerator)
+    _configure_deepspeed(accelerator, config)
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = _Progress()
     accelerator.register_for_checkpointing(progress, scheduler)

@@ -412,6 +412,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
         log_every=args.log_every,
         resume_from=args.resume,
         stop_after=args.stop_after,
+        micro_batch_size=args.batch_size,
     )
     history = train(
         objective,
