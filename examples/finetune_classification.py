@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from transformers import AutoModelForImageClassification
 
     from medfm.data.classification import stratified_split
-    from medfm.hub import CardInfo, write_model_card
+    from medfm.hub import CardInfo, check_model_source, write_model_card
     from medfm.models.modeling_utils import model_contract
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train,
     )
 
+    check_model_source(args.model)
     set_seed(args.seed)
     output = Path(args.output)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(output))

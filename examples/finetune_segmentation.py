@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from medfm.cli import parse_config_overrides
     from medfm.data.segmentation import check_label_values, load_modality, load_segmentation_labels
     from medfm.errors import DatasetError
-    from medfm.hub import CardInfo, write_model_card
+    from medfm.hub import CardInfo, check_model_source, write_model_card
     from medfm.processing import MedicalImageProcessor
     from medfm.training import (
         VolumeCropSampler,
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train,
     )
 
+    check_model_source(args.model)
     set_seed(args.seed)
     output = Path(args.output)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(output))

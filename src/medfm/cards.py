@@ -30,6 +30,7 @@ PIPELINE_TAGS: dict[str, tuple[str, str]] = {
     "ForSemanticSegmentation": ("image-segmentation", "medical-segmentation"),
     "ForImageClassification": ("image-classification", "medical-image-classification"),
     "ForMaskedImageModeling": ("image-feature-extraction", "medical-feature-extraction"),
+    "ForPreTraining": ("image-feature-extraction", "medical-feature-extraction"),
     "Model": ("image-feature-extraction", "medical-feature-extraction"),
 }
 
@@ -45,6 +46,9 @@ _SIZE_FIELDS = (
     "codebook_size",
     "embedding_dim",
     "downsample_channels",
+    "embed_dims",
+    "depths",
+    "image_size",
 )
 
 

@@ -152,21 +152,9 @@ def check_device(device: str | None) -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    """Whether a ``--model`` value can only be a local path (a Hub id is ``name`` or ``org/name``)."""
-    if (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.endswith(("/", os.sep))
-        or os.sep in name.replace("/", "", 1)
-    ):
-        return True
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import looks_like_local_path
 
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
+    return looks_like_local_path(name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -20,13 +20,15 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard
 
-from .errors import HubUploadError
+from .errors import HubUploadError, ModelNotFoundError
 from .io.atomic import atomic_output
 
 __all__ = [
     "CardInfo",
     "HubUploadError",
     "available_card_templates",
+    "check_model_source",
+    "looks_like_local_path",
     "push_to_hub",
     "render_model_card",
     "write_model_card",
@@ -300,3 +302,33 @@ def _validation_section(info: CardInfo) -> str:
         cases = "case" if info.validation_size == 1 else "cases"
         lines.append(f"- Validation: {info.validation_size} held-out {cases}, never seen in training")
     return ("## Data\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model reference can only be a local path (a Hub id is ``name`` or ``org/name``)."""
+    if (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.endswith(("/", os.sep))
+        or os.sep in name.replace("/", "", 1)
+    ):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_model_source(model: str, option: str = "--model") -> None:
+    """Refuse a model reference that names a local path which is not there, before anything is loaded.
+
+    Raises:
+        ModelNotFoundError: ``model`` can only be a local path and no such folder exists.
+    """
+    if not Path(model).expanduser().exists() and looks_like_local_path(model):
+        raise ModelNotFoundError(
+            f"no such folder; {option} takes a model folder or a Hub id (org/name)", model
+        )

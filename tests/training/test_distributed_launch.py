@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from medfm.errors import DistributedLaunchError
 from medfm.training.loop import TrainingConfig, _check_process_group, _configure_deepspeed
 

@@ -68,6 +68,7 @@ class AnisotropyBatchSampler:
         slice_probability: Fraction of batches made of 2D slices.
         seed: Seed of the whole stream.
         rank, world_size: This process and the number of processes; each rank draws its own batches.
+        cubic: Crops are ``crop_size`` along every axis whatever the anisotropy (MiM's fixed 3D crops).
     """
 
     def __init__(
@@ -81,7 +82,9 @@ class AnisotropyBatchSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        cubic: bool = False,
     ):
+        self.cubic = cubic
         self.batch_size, self.crop_size, self.depth_tokens, self.patch = (
             batch_size,
             crop_size,
@@ -102,6 +105,8 @@ class AnisotropyBatchSampler:
         self.batches_drawn = 0  # set by load_state_dict to resume the stream
 
     def crop_for(self, aniso_d: int) -> tuple[int, int, int]:
+        if self.cubic:
+            return (self.crop_size, self.crop_size, self.crop_size)
         if aniso_d >= TWO_D_ANISO_D:
             return (1, self.crop_size, self.crop_size)
         return (self.depth_tokens * max(self.patch >> aniso_d, 1), self.crop_size, self.crop_size)
@@ -144,6 +149,7 @@ class PretrainingDataset(Dataset):
         infos: The probed volumes.
         processor: Intensity preprocessing (e.g. percentile clip to [0, 1] and grey to RGB).
         cache_size: Processed volumes kept in memory per worker.
+        flips: Flip each crop along each axis with probability 1/2.
     """
 
     def __init__(
@@ -152,7 +158,9 @@ class PretrainingDataset(Dataset):
         processor: MedicalImageProcessor,
         cache_size: int = 4,
         patch: int = 16,
+        flips: bool = True,
     ):
+        self.flips = flips
         self.infos = list(infos)
         self.levels = [anisotropy_level(info, patch) for info in self.infos]
         self.processor = processor
@@ -199,7 +207,7 @@ class PretrainingDataset(Dataset):
             depth = int(torch.randint(volume.shape[1], (1,), generator=generator))
             volume = volume[:, depth : depth + 1]
         crop = _random_crop(volume, key.crop, generator).float()
-        for axis in (1, 2, 3):
+        for axis in (1, 2, 3) if self.flips else ():
             if crop.shape[axis] > 1 and bool(torch.rand(1, generator=generator) < 0.5):
                 crop = crop.flip(axis)
         spacing = (1e8, *self.infos[index].spacing[1:]) if key.two_d else self.infos[index].spacing

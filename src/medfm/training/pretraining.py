@@ -61,10 +61,14 @@ def pretraining_parser(description: str, *, objective: str) -> argparse.Argument
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown pre-training objective {objective!r}; known: {known}")
     cls = OBJECTIVES[objective]
-    recipe = cls.data_recipe()
     parser = _PretrainingParser(description=description, formatter_class=_HelpFormatter)
     # A script trains tokenizers or models, not both: offer the objectives of the same kind as its default.
     choices = [name for name in known if OBJECTIVES[name].trains_tokenizer == cls.trains_tokenizer]
+    recipes = {name: OBJECTIVES[name].data_recipe() for name in choices}
+
+    def per_objective(attribute: str, fmt: str = "{}") -> str:
+        return ", ".join(f"{fmt.format(getattr(r, attribute))} for {name}" for name, r in recipes.items())
+
     parser.add_argument(
         "--model",
         default=objective,
@@ -110,14 +114,19 @@ def pretraining_parser(description: str, *, objective: str) -> argparse.Argument
         "--crop-size",
         type=int,
         help=(
-            f"in-plane crop edge in voxels, a multiple of the model's stride {recipe.token_stride} "
-            f"(default: the objective's, {recipe.crop_size} for {objective})"
+            "crop edge in voxels (in-plane; every axis for objectives with cubic crops), a multiple of the "
+            f"objective's stride ({per_objective('token_stride')}) (default: the objective's, "
+            f"{per_objective('crop_size')})"
         ),
     )
     parser.add_argument(
         "--depth-tokens",
         type=int,
-        help=f"tokens along depth in a 3D crop (default: the objective's, {recipe.depth_tokens} for {objective})",
+        help=(
+            "tokens along depth in a 3D crop; unused by objectives with cubic crops "
+            f"({', '.join(n for n, r in recipes.items() if r.cubic_crop) or 'none'}) (default: the objective's, "
+            f"{per_objective('depth_tokens')})"
+        ),
     )
     parser.add_argument(
         "--slice-probability",
@@ -128,7 +137,7 @@ def pretraining_parser(description: str, *, objective: str) -> argparse.Argument
     parser.add_argument(
         "--lr",
         type=float,
-        help=f"peak learning rate (default: the objective's, {recipe.learning_rate:g} for {objective})",
+        help=f"peak learning rate (default: the objective's, {per_objective('learning_rate', '{:g}')})",
     )
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     parser.add_argument(
@@ -138,7 +147,12 @@ def pretraining_parser(description: str, *, objective: str) -> argparse.Argument
         help="linear warm-up steps before the cosine decay; keep it below --steps",
     )
     parser.add_argument(
-        "--grad-clip", type=float, default=0.5, help="max gradient norm; 0 turns clipping off"
+        "--grad-clip",
+        type=float,
+        help=(
+            "max gradient norm; 0 turns clipping off (default: the objective's, "
+            f"{per_objective('grad_clip', '{:g}')})"
+        ),
     )
     parser.add_argument(
         "--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision"
@@ -272,6 +286,7 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         )
     depth_tokens = args.depth_tokens if args.depth_tokens is not None else recipe.depth_tokens
     learning_rate = args.lr if args.lr is not None else recipe.learning_rate
+    grad_clip = args.grad_clip if args.grad_clip is not None else recipe.grad_clip
     at_least = {
         "--steps": (args.steps, 1),
         "--batch-size": (args.batch_size, 1),
@@ -283,7 +298,7 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         "--log-every": (args.log_every, 1),
         "--num-workers": (args.num_workers, 0),
         "--weight-decay": (args.weight_decay, 0),
-        "--grad-clip": (args.grad_clip, 0),
+        "--grad-clip": (grad_clip, 0),
     }
     if args.stop_after is not None:
         at_least["--stop-after"] = (args.stop_after, 1)
@@ -294,6 +309,10 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         raise PretrainingOptionError(f"--lr {learning_rate} must be positive")
     if not 0 <= args.slice_probability <= 1:
         raise PretrainingOptionError(f"--slice-probability {args.slice_probability} must be in [0, 1]")
+    if recipe.three_d_only and args.slice_probability > 0:
+        raise PretrainingOptionError(
+            f"--slice-probability {args.slice_probability}: --model {args.model} trains on 3D crops only; use 0"
+        )
     tokenizer = getattr(args, "tokenizer", None)
     if tokenizer is not None:
         if cls.tokenizer_model_type is None:
@@ -306,6 +325,7 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         "crop_size": crop_size,
         "depth_tokens": depth_tokens,
         "learning_rate": learning_rate,
+        "grad_clip": grad_clip,
     }
 
 
@@ -355,7 +375,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     # Data first: an empty or unreadable source fails before any model is built.
     infos = probe_volumes(discover_volumes(args.data))
     data_processor = MedicalImageProcessor(steps=[dict(step) for step in recipe.steps])
-    dataset = PretrainingDataset(infos, data_processor, patch=recipe.token_stride)
+    dataset = PretrainingDataset(infos, data_processor, patch=recipe.token_stride, flips=recipe.random_flips)
     sampler = AnisotropyBatchSampler(
         infos,
         args.batch_size,
@@ -366,6 +386,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
         seed=args.seed,
         rank=state.process_index,
         world_size=state.num_processes,
+        cubic=recipe.cubic_crop,
     )
     state.print(
         f"{len(infos)} volumes in anisotropy groups "
@@ -379,6 +400,8 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
         tokenizer=options["tokenizer"],
         config=options["config"],
         tokenizer_config=options["tokenizer_config"],
+        crop=sampler.crop_for(0),
+        steps=args.steps,
     )
     if args.activation_checkpointing:
         objective.enable_activation_checkpointing()
@@ -402,7 +425,7 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
         learning_rate=options["learning_rate"],
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip or None,  # 0: no clipping
+        grad_clip=options["grad_clip"] or None,  # 0: no clipping
         accumulation_steps=args.accumulation_steps,
         mixed_precision=args.mixed_precision,
         seed=args.seed,

@@ -46,6 +46,11 @@ class DataRecipe:
         token_stride: The model's total stride ``P`` (crops are multiples of it; with the anisotropy level
             it gives the depth stride ``max(P >> aniso_d, 1)``).
         learning_rate: The objective's default peak learning rate.
+        grad_clip: The objective's default max gradient norm (0: no clipping).
+        cubic_crop: Crops are ``crop_size`` along every axis, whatever the volume's anisotropy (``depth_tokens``
+            is then unused); otherwise the depth follows the SPAD anisotropy rule.
+        random_flips: Flip each crop along each axis with probability 1/2.
+        three_d_only: The objective trains on 3D crops only (``--slice-probability`` must be 0).
     """
 
     steps: tuple[Mapping[str, Any], ...] = ()
@@ -53,6 +58,10 @@ class DataRecipe:
     depth_tokens: int = 6
     token_stride: int = 16
     learning_rate: float = 1e-4
+    grad_clip: float = 0.5
+    cubic_crop: bool = False
+    random_flips: bool = True
+    three_d_only: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -84,9 +93,12 @@ class PretrainingObjective(nn.Module):
         tokenizer: str | None,
         config: dict[str, Any],
         tokenizer_config: dict[str, Any],
+        **settings: Any,
     ) -> PretrainingObjective:
         """The objective from command-line settings: initial weights (a folder or Hub id, or ``None``), a
-        tokenizer where the objective has one, and config fields."""
+        tokenizer where the objective has one, and config fields. ``settings`` carries the run's other
+        choices an objective may need (``crop``: the crop shape, ``steps``: the optimizer steps of the
+        schedule); objectives ignore those they do not use."""
         raise NotImplementedError
 
     @classmethod

@@ -73,7 +73,7 @@ class SpadMaskedImageModeling(PretrainingObjective):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1), persistent=False)
 
     @classmethod
-    def build(cls, model, tokenizer, config, tokenizer_config) -> SpadMaskedImageModeling:
+    def build(cls, model, tokenizer, config, tokenizer_config, **settings) -> SpadMaskedImageModeling:
         if tokenizer is not None:
             tokenizer_model = AutoModel.from_pretrained(tokenizer)
         else:
@@ -163,7 +163,7 @@ class SpadTokenizerTraining(PretrainingObjective):
         self.quant_weight, self.entropy_weight = quant_weight, entropy_weight
 
     @classmethod
-    def build(cls, model, tokenizer, config, tokenizer_config) -> SpadTokenizerTraining:
+    def build(cls, model, tokenizer, config, tokenizer_config, **settings) -> SpadTokenizerTraining:
         settings = {**tokenizer_config, **config}
         weights = {k: settings.pop(k) for k in ("quant_weight", "entropy_weight") if k in settings}
         source = model or tokenizer
