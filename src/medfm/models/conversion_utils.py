@@ -1,5 +1,6 @@
 """What every family's converter shares: reading original checkpoints, building the config, loading the
-weights strictly, and writing the output folder atomically.
+weights strictly, writing the output folder atomically, and adapting pre-trained tensors to a fine-tuning config
+when ``from_pretrained`` loads them (:class:`LoadTimeAdaptation`, :func:`register_load_time_adaptation`).
 
 A converter infers a config from tensor shapes and takes from the user only what shapes cannot tell
 (``--config``). Unknown fields are refused rather than written into ``config.json``, and a value the config
@@ -26,11 +27,13 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..errors import (
     CheckpointMismatchError,
@@ -47,6 +50,8 @@ from ..errors import (
 
 __all__ = [
     "CONVERSION_MARKER",
+    "KeepAsSaved",
+    "LoadTimeAdaptation",
     "atomic_output_folder",
     "build_config",
     "check_config_fields",
@@ -54,7 +59,9 @@ __all__ = [
     "check_output_folder",
     "load_original_state_dict",
     "load_state_dict_strict",
+    "register_load_time_adaptation",
     "require_keys",
+    "single_tensor",
 ]
 
 #: The file every medfm conversion writes last; a folder holding it may be replaced by a new conversion.
@@ -273,6 +280,74 @@ def load_state_dict_strict(
         )
     model.load_state_dict(dict(state), strict=False)
     return model.eval()
+
+
+# --- load-time weight adaptation (``from_pretrained``) ------------------------------------------------------
+# A pre-trained checkpoint is loaded into a fine-tuning config that differs in shape-determined ways (another
+# input size, channel count or patch): each family names the tensors to adapt and how, and transformers'
+# weight-conversion hooks run the adaptation when ``from_pretrained`` reads the tensor.
+
+
+def single_tensor(input_dict: Mapping[str, Any]) -> torch.Tensor:
+    """The one tensor a one-to-one :class:`~transformers.core_model_loading.ConversionOps` receives."""
+    (value,) = input_dict.values()
+    return value[0] if isinstance(value, list) else value
+
+
+class KeepAsSaved(ConversionOps):
+    """Saving writes adapted weights as they are (the adaptation cannot, and need not, be undone).
+
+    The reverse of every :class:`LoadTimeAdaptation`: a model saved after adapting holds the adapted tensors
+    under the same names, and loading them again into the same config finds nothing left to adapt.
+    """
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        """Pass the tensor through under its target name."""
+        return {target_patterns[0]: single_tensor(input_dict)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        """Itself."""
+        return self
+
+
+class LoadTimeAdaptation(ConversionOps):
+    """A weight-loading op that fits one checkpoint tensor to the model's config; subclasses define :meth:`adapt`.
+
+    :meth:`adapt` must return the tensor unchanged when it already fits, so that a saved adapted model reloads
+    without adapting twice; saving uses :class:`KeepAsSaved`.
+    """
+
+    def adapt(self, tensor: torch.Tensor, config: Any) -> torch.Tensor:
+        """``tensor`` fitted to ``config`` (the model's config), or ``tensor`` itself when it already fits."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        """Apply :meth:`adapt` (nothing without a config)."""
+        tensor = single_tensor(input_dict)
+        if config is not None:
+            tensor = self.adapt(tensor, config)
+        return {target_patterns[0]: tensor}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        """:class:`KeepAsSaved`."""
+        return KeepAsSaved()
+
+
+def register_load_time_adaptation(model_type: str, adaptations: Sequence[tuple[str, ConversionOps]]) -> None:
+    """Hook ``(pattern, op)`` pairs into ``from_pretrained`` for every model of ``model_type`` (idempotent).
+
+    Each pattern names a tensor and keeps its name (a regex searched in the checkpoint key, ending on a name
+    boundary; a lookbehind such as ``(?<!\\w)`` anchors its start); the op adapts it on loading. Registering
+    again replaces the family's mapping.
+    """
+    register_checkpoint_conversion_mapping(
+        model_type,
+        [WeightConverter(pattern, pattern, [op]) for pattern, op in adaptations],
+        overwrite=True,
+    )
 
 
 # --- writing the output folder ------------------------------------------------------------------------------

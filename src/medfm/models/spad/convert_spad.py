@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ...errors import CheckpointMismatchError, InvalidConfigError, UnsupportedFormatError
 from ...layers import resample_position_grid
 from ..conversion_utils import (
     CONVERSION_MARKER,
+    LoadTimeAdaptation,
     atomic_output_folder,
     build_config,
     check_config_fields,
     check_output_folder,
     load_original_state_dict,
     load_state_dict_strict,
+    register_load_time_adaptation,
     require_keys,
 )
 from ..conversion_utils import _safe_globals as _shared_safe_globals
@@ -75,62 +75,31 @@ def adapt_patch_embedding(weight: torch.Tensor, patch_size: list[int], in_channe
     return weight
 
 
-def _single(input_dict: dict[str, Any]) -> torch.Tensor:
-    (value,) = input_dict.values()
-    return value[0] if isinstance(value, list) else value
-
-
-class _KeepAsSaved(ConversionOps):
-    """Saving writes adapted weights as they are (the adaptation cannot, and need not, be undone)."""
-
-    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
-        return {target_patterns[0]: _single(input_dict)}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return self
-
-
-class AdaptPatchEmbedding(ConversionOps):
+class AdaptPatchEmbedding(LoadTimeAdaptation):
     """Weight-loading op: :func:`adapt_patch_embedding` to the target config (a no-op when shapes agree)."""
 
-    @torch.no_grad()
-    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
-        weight = _single(input_dict)
-        target = (config.hidden_size, config.in_channels, *config.patch_size)
-        if tuple(weight.shape) != target and config is not None:
+    def adapt(self, weight: torch.Tensor, config: SpadViTConfig) -> torch.Tensor:
+        """The kernel for ``config``'s patch and channel count."""
+        if tuple(weight.shape) != (config.hidden_size, config.in_channels, *config.patch_size):
             weight = adapt_patch_embedding(weight, config.patch_size, config.in_channels)
-        return {target_patterns[0]: weight}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return _KeepAsSaved()
+        return weight
 
 
-class ResamplePositionTable(ConversionOps):
+class ResamplePositionTable(LoadTimeAdaptation):
     """Weight-loading op: resample ``pos_embed`` to ``config.pos_embed_shape`` (area down, then trilinear up)."""
 
-    @torch.no_grad()
-    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
-        table = _single(input_dict)
-        if config is not None and list(table.shape[2:]) != list(config.pos_embed_shape):
+    def adapt(self, table: torch.Tensor, config: SpadViTConfig) -> torch.Tensor:
+        """The table on ``config.pos_embed_shape``."""
+        if list(table.shape[2:]) != list(config.pos_embed_shape):
             table = resample_position_grid(table, config.pos_embed_shape)
-        return {target_patterns[0]: table}
-
-    @property
-    def reverse_op(self) -> ConversionOps:
-        return _KeepAsSaved()
+        return table
 
 
 def register_spad_weight_adaptation() -> None:
     """Hook the adaptation into ``from_pretrained`` for every ``spad_vit`` model (idempotent)."""
-    register_checkpoint_conversion_mapping(
+    register_load_time_adaptation(
         "spad_vit",
-        [
-            WeightConverter("patch_embed.proj.weight", "patch_embed.proj.weight", [AdaptPatchEmbedding()]),
-            WeightConverter("pos_embed", "pos_embed", [ResamplePositionTable()]),
-        ],
-        overwrite=True,
+        [("patch_embed.proj.weight", AdaptPatchEmbedding()), ("pos_embed", ResamplePositionTable())],
     )
 
 
