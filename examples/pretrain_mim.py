@@ -18,7 +18,7 @@ r"""Masked image modeling pre-training on many volumes and many processes, with 
             image_size) of CT windowed [-1000, 1000] HU to [0, 1] at native spacing, no flips; three levels
             (the crop at half resolution, its octants, small patches of masked octant tokens) reconstructed
             by one decoder, with cross-level alignment; AdamW (0.9, 0.95), no gradient clipping. --config
-            sets MiMConfig fields (sizes, mask ratios, loss_weights, loss_weight_mode, alignment).
+            sets the mim config's fields (sizes, mask ratios, loss_weights, loss_weight_mode, alignment).
 Data: a folder of NIfTI files and DICOM series, or a Decathlon dataset.json; unreadable files are skipped
 with a warning naming them. Checkpoints (accelerate state, written atomically, the last --keep-last kept)
 go to OUTPUT/checkpoints; --resume_from_checkpoint latest continues exactly where a run stopped. Metrics go

@@ -13,7 +13,7 @@ from .family import ModelFamily
 from .modeling_utils import unwrap_model
 
 #: The family packages, each exporting ``FAMILY``.
-FAMILY_MODULES: tuple[str, ...] = ("medfm.models.spad",)
+FAMILY_MODULES: tuple[str, ...] = ("medfm.models.spad", "medfm.models.mim")
 
 __all__ = ["FAMILY_MODULES", "families", "family_named", "family_of", "register_all", "register_family"]
 

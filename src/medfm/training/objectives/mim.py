@@ -32,7 +32,7 @@ class MiMPretraining(PretrainingObjective):
     exactly as an uninterrupted one.
 
     Args:
-        model: A ``MiMForPreTraining``.
+        model: A ``mim`` pre-training model (``AutoModelForPreTraining``).
         total_steps: Optimizer steps of the whole schedule (for the loss-weight modes); ``None``: progress 0.
     """
 
