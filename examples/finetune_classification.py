@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train,
     )
 
-    check_model_source(args.model)
+    if not args.preset:  # the processor comes from the model folder (otherwise the data is checked first)
+        check_model_source(args.model)
     set_seed(args.seed)
     output = Path(args.output)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(output))

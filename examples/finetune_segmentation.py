@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train,
     )
 
-    check_model_source(args.model)
+    if not args.preset:  # the processor comes from the model folder (otherwise the data is checked first)
+        check_model_source(args.model)
     set_seed(args.seed)
     output = Path(args.output)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, project_dir=str(output))
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         AutoModelForSemanticSegmentation,
         args.model,
         num_channels=args.in_channels or int(samples[0].pixel_values.shape[0]),
+        input_size=args.crop,
         **overrides,
     )
     model = wrap_with_adapters(model, args)

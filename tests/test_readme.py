@@ -9,6 +9,7 @@ fine-tuned segmentation model (``path/or/org/spad-vit-tissue``). The Hub is repl
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -20,10 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 import medfm
+from medfm.models.mim.convert_mim import convert_mim_checkpoint
 from medfm.models.spad import SpadViTConfig, SpadViTForMaskedImageModeling
 from medfm.models.spad.convert_spad import convert_spad_checkpoint
 
 from .common.tiny_models import TINY_VIT, save_tiny_segmentation_model
+from .conftest import fixtures_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "src" / "medfm" / "model_cards"
@@ -84,6 +87,17 @@ def workspace(tmp_path_factory, mni_t1_path: Path, anatomical_path: Path, ct_sma
         config_overrides={"num_attention_heads": 2},
     )
     save_tiny_segmentation_model(folder / "path/or/org/spad-vit-tissue")
+    # The released MiM checkpoint's stand-in: the MiM fixture's upstream pre-training weights, converted.
+    mim = fixtures_root() / "mim"
+    upstream = json.loads((mim / "upstream_config.json").read_text())["pretraining"]
+    convert_mim_checkpoint(
+        mim / "upstream_state_dict.safetensors",
+        folder / "path/or/org/mim-base",
+        config_overrides={
+            "num_attention_heads": upstream["num_heads"],
+            "decoder_num_attention_heads": upstream["decoder_num_heads"],
+        },
+    )
     return folder
 
 
@@ -194,3 +208,9 @@ def test_written_cards_run_and_tell_the_truth(workspace: Path, monkeypatch, tmp_
     assert "grey matter" in text and "3 held-out cases" in text and "Modality: MR" in text
     assert 'pipeline("medical-segmentation"' in text
     _card_namespace_run(tmp_path, tissue / "README.md", monkeypatch)
+
+    # The converted MiM card: its snippet runs beside the folder, it states the family's license and paper.
+    mim = workspace / "path/or/org/mim-base"
+    text = (mim / "README.md").read_text()
+    assert "medfm convert mim" in text and "zhuang2025mim" in text and "no LICENSE file" in text
+    _card_namespace_run(mim.parent, mim / "README.md", monkeypatch)

@@ -62,9 +62,13 @@ def default_roi_size(
     """A window for a processed volume of spatial ``shape`` ``(D, H, W)``: the volume, capped at ``max_edge`` per
     axis, rounded up to the model's required multiple and at least its minimum input shape.
 
-    A 2D-only model's window is one slice deep.
+    A 2D-only model's window is one slice deep. A model built for one input window (MiM's ``image_size``:
+    its position tables are sized to it) gets that window.
     """
     contract = model_contract(model)
+    preferred = contract.preferred_input_shape()
+    if preferred is not None:
+        return tuple(preferred)  # type: ignore[return-value]
     multiple = contract.required_input_multiple(spacing)
     minimum = contract.minimum_input_shape(spacing)
     roi = [max(low, math.ceil(min(n, max_edge) / m) * m) for n, m, low in zip(shape, multiple, minimum)]

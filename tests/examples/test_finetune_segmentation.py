@@ -18,27 +18,6 @@ from . import load_example
 
 
 @pytest.fixture(scope="module")
-def decathlon(tmp_path_factory, anatomical_path: Path) -> Path:
-    """Three cases made from nibabel's anatomical.nii, labels = the bright voxels, in a dataset.json."""
-    root = tmp_path_factory.mktemp("Task00_Tiny")
-    (root / "imagesTr").mkdir()
-    (root / "labelsTr").mkdir()
-    source = nib.load(anatomical_path)
-    data = np.asarray(source.dataobj).astype(np.float32)
-    training = []
-    for case in range(3):
-        image = np.roll(data, 2 * case, axis=0)
-        label = (image > np.percentile(image, 70)).astype(np.uint8)
-        nib.save(nib.Nifti1Image(image, source.affine), root / "imagesTr" / f"case{case}.nii.gz")
-        nib.save(nib.Nifti1Image(label, source.affine), root / "labelsTr" / f"case{case}.nii.gz")
-        training.append({"image": f"./imagesTr/case{case}.nii.gz", "label": f"./labelsTr/case{case}.nii.gz"})
-    (root / "dataset.json").write_text(
-        json.dumps({"name": "tiny", "labels": {"0": "background", "1": "bright"}, "training": training})
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny pre-trained-style (adaptive, RGB) SPAD-ViT checkpoint with a processor."""
     folder = tmp_path_factory.mktemp("pretrained")

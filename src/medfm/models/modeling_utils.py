@@ -85,12 +85,23 @@ class MedfmModelMixin:
         pooling: How ``pooler_output`` is made: ``"cls"`` (a prefix token) or ``"mean"`` (mean of the patch
             tokens, for families without a cls token).
         channels_config_key: The config field holding the number of input channels.
+        input_size_config_key: The config field holding the input window ``(D, H, W)`` the model is built
+            for, for families whose position tables are sized to it (MiM's ``image_size``); ``None`` for
+            families that take any size. Fine-tuning sets it to the training crop, and inference windows
+            default to it.
     """
 
     input_spatial_dims: ClassVar[tuple[int, ...]] = (3,)
     accepts_spacing: ClassVar[bool] = False
     pooling: ClassVar[str] = "cls"
     channels_config_key: ClassVar[str] = "in_channels"
+    input_size_config_key: ClassVar[str | None] = None
+
+    def preferred_input_shape(self) -> tuple[int, ...] | None:
+        """The window ``(D, H, W)`` the model is built for (see ``input_size_config_key``), or ``None``."""
+        if self.input_size_config_key is None:
+            return None
+        return tuple(int(n) for n in getattr(self.config, self.input_size_config_key))
 
     @property
     def num_prefix_tokens(self) -> int:

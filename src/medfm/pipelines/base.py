@@ -38,6 +38,10 @@ class MedicalPipeline(Pipeline):
         if getattr(self.model.config, "architectures", None):
             check_task(self.model.config, task, source=source)
         check_task(self.model, task, source=source)
+        # A processor saved without the model's padding (a converted folder, a preset) still brings every
+        # input to a size the model runs on; one that already pads or resizes to it is kept as it is.
+        if self.image_processor is not None and hasattr(self.image_processor, "padded_for"):
+            self.image_processor = self.image_processor.padded_for(self.contract.input_padding_step())
 
     def preprocess(self, inputs: Any, spacing: Sequence[float] | None = None) -> dict[str, Any]:
         if self.image_processor is None:

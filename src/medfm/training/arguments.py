@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +83,28 @@ def training_config(args: argparse.Namespace, **overrides) -> TrainingConfig:
     return TrainingConfig(**settings)
 
 
-def load_for_task(auto_class: type, model: str, num_channels: int | None = None, **overrides) -> nn.Module:
+def load_for_task(
+    auto_class: type,
+    model: str,
+    num_channels: int | None = None,
+    input_size: Sequence[int] | None = None,
+    **overrides,
+) -> nn.Module:
     """A model of ``model``'s family for a task, built through ``auto_class`` (e.g.
     ``AutoModelForSemanticSegmentation``) from a folder or Hub id.
 
     The family's ``task_defaults`` for that Auto class apply first (how upstream fine-tunes the task), then
-    ``num_channels`` (set on the config field the model class names), then ``overrides``. New head weights
-    are initialised; weights whose shape changes (a new label count) are re-initialised.
+    ``num_channels`` (set on the config field the model class names), then ``input_size`` (the training crop,
+    set on the config field of models built for one input window, e.g. MiM's ``image_size``; ignored by the
+    others), then ``overrides``. New head weights are initialised; weights whose shape changes (a new label
+    count) are re-initialised; the family's load hooks adapt pre-trained tables to the new config.
     """
     from transformers import AutoConfig
 
+    from ..hub import check_model_source
     from ..models.registry import family_of
 
+    check_model_source(model)
     config = AutoConfig.from_pretrained(model)
     try:
         family = family_of(type(config))
@@ -106,9 +116,12 @@ def load_for_task(auto_class: type, model: str, num_channels: int | None = None,
             f"offers {sorted(a.__name__ for a in family.configs[type(config)])})"
         )
     settings = dict(family.task_defaults.get(auto_class, {}))
+    model_class = auto_class._model_mapping[type(config)]
     if num_channels is not None:
-        model_class = auto_class._model_mapping[type(config)]
         settings[model_class.channels_config_key] = int(num_channels)
+    size_key = getattr(model_class, "input_size_config_key", None)
+    if input_size is not None and size_key is not None:
+        settings[size_key] = [int(n) for n in input_size]
     settings.update(overrides)
     return auto_class.from_pretrained(model, ignore_mismatched_sizes=True, **settings)
 

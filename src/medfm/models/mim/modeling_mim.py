@@ -307,6 +307,7 @@ class MiMPreTrainedModel(MedfmPreTrainedModel):
     accepts_spacing = False
     pooling = "mean"
     channels_config_key = "num_channels"
+    input_size_config_key = "image_size"
     layer_key_pattern = r"(?:^|\.)blocks4\.(\d+)\."
     _keys_to_ignore_on_load_unexpected = [_PRETRAINING_ONLY_KEYS, r"^norm\.(weight|bias)$"]
 
