@@ -75,3 +75,34 @@ def test_converted_folder_copies_run_through_the_cli(converted_mim: Path, tmp_pa
     copy = tmp_path / "copy"
     shutil.copytree(converted_mim, copy)
     assert (copy / "README.md").read_text().count("medfm convert mim") == 1
+
+
+def test_converted_mim_fine_tunes_a_classifier(
+    converted_mim: Path, anatomical_path: Path, tmp_path: Path
+) -> None:
+    source = nib.load(anatomical_path)
+    data = np.asarray(source.dataobj).astype(np.float32)
+    for name, transform in {"upright": lambda a: a, "flipped": lambda a: a[:, ::-1, ::-1]}.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for case in range(3):
+            volume = np.ascontiguousarray(transform(np.roll(data, case, axis=0)))
+            nib.save(nib.Nifti1Image(volume, source.affine), tmp_path / "data" / name / f"c{case}.nii.gz")
+    final = load_example("finetune_classification").main(
+        ["--model", str(converted_mim), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run")]
+        + [
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--val-fraction",
+            "0.34",
+        ]
+    )
+    assert 0.0 <= final["accuracy"] <= 1.0
+    classifier = pipeline("medical-image-classification", model=str(tmp_path / "run"))
+    scores = classifier(str(tmp_path / "data" / "upright" / "c0.nii.gz"))
+    assert {s["label"] for s in scores} == {"upright", "flipped"}
