@@ -3,9 +3,10 @@
 J. Zhuang et al., *MiM: Mask in Mask Self-Supervised Pre-Training for 3D Medical Image Analysis*, IEEE TMI
 44(9), 2025 (arXiv 2404.15580); spec `shared/specs/mim.md` §1 and §4. Parameter names are upstream's
 (``patch_embed{1..5}``, ``blocks{1..4}``, ``pos_embed``, ``fpn``), so a converted checkpoint keeps its keys.
-"""
 
-from __future__ import annotations
+Annotations here are evaluated (no ``from __future__ import annotations``): transformers reads the forwards'
+``**kwargs: Unpack[TransformersKwargs]`` at runtime to learn which output flags (``output_attentions``) they take.
+"""
 
 import math
 from collections.abc import Sequence
