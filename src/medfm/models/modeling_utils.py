@@ -59,6 +59,19 @@ def classification_loss(
     return loss_function(labels, logits, settled)
 
 
+def classifier_output(model: Any, logits: torch.Tensor, labels: torch.Tensor | None, outputs: Any) -> Any:
+    """An ``ImageClassifierOutput``: ``logits``, their loss against ``labels`` (:func:`classification_loss`, none
+    without labels) and the backbone ``outputs``' hidden states and attentions."""
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    loss = (
+        classification_loss(model.loss_function, model.config, logits, labels) if labels is not None else None
+    )
+    return ImageClassifierOutput(
+        loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
+
+
 def as_volume(pixel_values: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(B, C, D, H, W)`` for a volume batch or, for a ``(B, C, H, W)`` image batch, its one-slice volume; and
     whether the input was 2D (so outputs can drop the slice axis again).

@@ -31,7 +31,7 @@ from ...layers.drop import DropPath, drop_path_rates
 from ...layers.norm import ChannelsFirstLayerNorm
 from ...layers.position import sincos_position_table
 from ...layers.relative_position import RelativePositionBias, relative_position_index
-from ..modeling_utils import MedfmPreTrainedModel, classification_loss
+from ..modeling_utils import MedfmPreTrainedModel, classifier_output
 from .configuration_mim import MiMConfig
 
 __all__ = [
@@ -588,14 +588,7 @@ class MiMForImageClassification(MiMPreTrainedModel):
         """
         outputs = self.mim(pixel_values, output_hidden_states=output_hidden_states, **kwargs)
         logits = self.classifier(self.norm(outputs.pooler_output))
-        loss = (
-            classification_loss(self.loss_function, self.config, logits, labels)
-            if labels is not None
-            else None
-        )
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return classifier_output(self, logits, labels, outputs)
 
 
 # --- segmentation --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ...layers.patch_embed import check_divisible
 from ...layers.position import resample_position_grid
 from ...layers.rope import Rope3D, TokenRotation
 from ...layers.varlen_attention import PackedSequenceOutput, pack_sequences, packed_inputs
-from ..modeling_utils import MedfmPreTrainedModel, as_volume, classification_loss
+from ..modeling_utils import MedfmPreTrainedModel, as_volume, classifier_output
 from .configuration_spad import SpadViTConfig
 from .spad_conv import SpadConv3d, aniso_d_from_spacing
 
@@ -597,14 +597,7 @@ class SpadViTForImageClassification(SpadViTPreTrainedModel):
             **kwargs,
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = (
-            classification_loss(self.loss_function, self.config, logits, labels)
-            if labels is not None
-            else None
-        )
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return classifier_output(self, logits, labels, outputs)
 
 
 # --- segmentation --------------------------------------------------------------------------------------
