@@ -28,6 +28,7 @@ loads the backbone; SPAD's tokenizer is saved in OUTPUT/model/tokenizer).
 
 from __future__ import annotations
 
+from medfm.training.arguments import run_script
 from medfm.training.pretraining import pretraining_parser, run_pretraining
 
 
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> list[float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

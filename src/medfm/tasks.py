@@ -40,6 +40,7 @@ _KINDS = {
     "medical-segmentation": "a segmentation model",
     "medical-image-classification": "an image classifier",
     "masked-image-modeling": "a pre-training (masked image modeling) model with no task head",
+    "pre-training": "a pre-training model with no task head",
     "medical-feature-extraction": "a backbone with no task head",
 }
 
@@ -63,6 +64,7 @@ def _mappings() -> list[tuple[str, Any]]:
         ("medical-segmentation", modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING),
         ("medical-image-classification", modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING),
         ("masked-image-modeling", modeling_auto.MODEL_FOR_MASKED_IMAGE_MODELING_MAPPING),
+        ("pre-training", modeling_auto.MODEL_FOR_PRETRAINING_MAPPING),
         ("medical-feature-extraction", modeling_auto.MODEL_MAPPING),
     ]
 
@@ -72,6 +74,7 @@ _AUTO_CLASS_TASKS = {
     "AutoModelForSemanticSegmentation": "medical-segmentation",
     "AutoModelForImageClassification": "medical-image-classification",
     "AutoModelForMaskedImageModeling": "masked-image-modeling",
+    "AutoModelForPreTraining": "pre-training",
     "AutoModel": "medical-feature-extraction",
 }
 
@@ -127,7 +130,8 @@ def model_task(model_or_config: Any, architecture: str | None = None) -> str | N
 
     Returns:
         ``"medical-segmentation"``, ``"medical-image-classification"``, ``"masked-image-modeling"``,
-        ``"medical-feature-extraction"`` (a bare backbone), or ``None``.
+        ``"pre-training"`` (another pre-training head, e.g. MiM's), ``"medical-feature-extraction"`` (a bare
+        backbone), or ``None``.
     """
     return _describe(model_or_config, architecture)[0]
 

@@ -207,11 +207,43 @@ class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
         allow_fewer = bool(kwargs.pop("allow_fewer_layers", False))
         base = adapter_base_model(pretrained_model_name_or_path)
         if base is None:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            try:
+                model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            except RuntimeError as error:
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                raise _mismatch_error(cls, pretrained_model_name_or_path, args, kwargs) from error
             if not allow_fewer:
                 _check_layer_count(model, pretrained_model_name_or_path)
             return model
         return _load_self_contained_adapter(cls, pretrained_model_name_or_path, base, args, kwargs)
+
+
+def _mismatch_error(cls: type, source: Any, args: tuple, kwargs: dict[str, Any]) -> Exception:
+    """The typed error for a checkpoint whose tensors do not fit the config as overridden, naming them."""
+    from ..errors import CheckpointMismatchError
+
+    overrides = {
+        k: v for k, v in kwargs.items() if k not in ("ignore_mismatched_sizes", "output_loading_info")
+    }
+    try:
+        _, info = super(MedfmPreTrainedModel, cls).from_pretrained(
+            source, *args, **overrides, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        names = [
+            str(item[0] if isinstance(item, tuple) else item) for item in info.get("mismatched_keys", [])
+        ]
+    except Exception:  # the names are a courtesy; the error stands without them
+        names = []
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    # An Auto class passes the merged config object; only plain overrides are worth naming.
+    shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if k != "config")
+    return CheckpointMismatchError(
+        f"its tensors {listed or '(see the load report above)'} do not fit the config as "
+        f"{'overridden (' + shown + ')' if shown else 'given'}; drop the overrides that change the architecture, or "
+        "pass ignore_mismatched_sizes=True to initialise those tensors afresh",
+        os.fspath(source) if isinstance(source, str | os.PathLike) else None,
+    )
 
 
 def checkpoint_shapes(folder: str | os.PathLike, adapter: bool = False) -> dict[str, tuple[int, ...]]:

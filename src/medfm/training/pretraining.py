@@ -253,6 +253,35 @@ def resolve_tokenizer(value: str, model_type: str) -> str:
     return value
 
 
+def _check_pretrained(value: str) -> None:
+    """Refuse a ``--pretrained`` that can only be a local path and is no model folder.
+
+    Raises:
+        PretrainingOptionError: No such folder, a file, or a folder without ``config.json``.
+    """
+    from ..hub import looks_like_local_path
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        raise PretrainingOptionError(
+            f"--pretrained {value} is a file; expected a model folder (with config.json) or a Hub id"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            run_model = path / "model"
+            hint = (
+                f" (a run folder? its model is {run_model})" if (run_model / "config.json").is_file() else ""
+            )
+            raise PretrainingOptionError(
+                f"--pretrained {value}: the folder holds no config.json{hint}; expected a model folder or a Hub id"
+            )
+        return
+    if looks_like_local_path(value):
+        raise PretrainingOptionError(
+            f"--pretrained {value}: no such folder; expected a model folder (with config.json) or a Hub id"
+        )
+
+
 def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
     """Check the options of a run (as :func:`pretraining_parser` makes them) together, before any data is read.
 
@@ -262,7 +291,8 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         objective's defaults filled in).
 
     Raises:
-        PretrainingOptionError: The first bad option, named, with what is allowed.
+        PretrainingOptionError: The first bad option, named, with what is allowed (``--pretrained`` naming no
+            model folder included).
     """
     from .objectives import OBJECTIVES
 
@@ -318,6 +348,9 @@ def check_pretraining_options(args: argparse.Namespace) -> dict[str, Any]:
         if cls.tokenizer_model_type is None:
             raise PretrainingOptionError(f"--tokenizer does not apply to --model {args.model} (it has none)")
         tokenizer = resolve_tokenizer(tokenizer, cls.tokenizer_model_type)
+    pretrained = getattr(args, "pretrained", None)
+    if pretrained is not None:
+        _check_pretrained(pretrained)
     return {
         "config": _json_option(args, "config"),
         "tokenizer_config": _json_option(args, "tokenizer_config"),
@@ -333,7 +366,9 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     """Run a pre-training job described by :func:`pretraining_parser`'s options; return this rank's losses.
 
     Raises:
-        PretrainingOptionError: A bad option (checked before any data is read or model built).
+        PretrainingOptionError: A bad option (checked before any data is read or model built): those
+            :func:`check_pretraining_options` refuses, then those the objective's ``check_options`` (if it has
+            one) refuses, e.g. MiM's ``--config`` fields and ``--crop-size``.
     """
     import torch
     from accelerate import PartialState
@@ -351,11 +386,14 @@ def run_pretraining(args: argparse.Namespace) -> list[float]:
     from .loop import TrainingConfig, train
     from .objectives import OBJECTIVES, build_objective
 
+    options = check_pretraining_options(args)
+    cls = OBJECTIVES[args.model]
+    check = getattr(cls, "check_options", None)  # the objective's own checks of --config and --crop-size
+    if check is not None:  # before any data is read or process group made
+        check(options["config"], options["crop_size"], pretrained=args.pretrained)
     # The process-wide state is made here, before the Accelerator: pass the CPU flag the launcher set, or a
     # CPU multi-process run would not form its process group.
-    options = check_pretraining_options(args)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    cls = OBJECTIVES[args.model]
     recipe = cls.data_recipe()
     if cls.tokenizer_model_type is not None and options["tokenizer"] is None:
         warnings.warn(

@@ -67,6 +67,30 @@ def _boolean(value: Any, name: str) -> None:
         raise InvalidConfigError(f"{name} must be true or false; got {_describe(value)}")
 
 
+def _check_labels(config: Any, given: Any = None, before_init: bool = False) -> None:
+    """``num_labels`` (when given) must be an integer >= 1 that agrees with ``id2label``, whose keys are the class
+    ids ``0 .. n-1`` (transformers would otherwise replace the names with ``LABEL_i``, or keep ids that no
+    logit has)."""
+    if given is not None and (not _is_int(given) or given < 1):
+        raise InvalidConfigError(f"num_labels must be an integer >= 1; got {_describe(given)}")
+    id2label = getattr(config, "id2label", None)
+    if not isinstance(id2label, dict):
+        return
+    if given is not None and before_init and given != len(id2label):
+        raise InvalidConfigError(
+            f"num_labels={given!r} disagrees with id2label, which names {len(id2label)} classes; give one of them, "
+            "or make them agree"
+        )
+    if before_init:
+        return
+    if not id2label:
+        raise InvalidConfigError("id2label names no class; a model needs num_labels >= 1")
+    if sorted(id2label) != list(range(len(id2label))):
+        raise InvalidConfigError(
+            f"id2label keys must be the class ids 0 .. {len(id2label) - 1}; got {sorted(id2label)!r:.120}"
+        )
+
+
 @strict
 class MiMConfig(PreTrainedConfig):
     r"""Configuration of the MiM models (:class:`~medfm.models.mim.MiMModel` and its heads).
@@ -180,8 +204,40 @@ class MiMConfig(PreTrainedConfig):
         self.patch_sizes = [int(v) for v in self.patch_sizes]
         self.mlp_ratios = [int(v) if _is_int(v) else float(v) for v in self.mlp_ratios]
         self.loss_weights = [float(v) for v in self.loss_weights]
+        _check_labels(self, kwargs.get("num_labels"), before_init=True)
         super().__post_init__(**kwargs)
+        _check_labels(self)
         self.validate_architecture()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """transformers' ``from_dict``, then the checks of construction again: ``from_pretrained`` sets its keyword
+        overrides after construction, and they are checked here rather than when a model is built.
+
+        A ``num_labels`` other than the saved ``id2label``'s count is a new head, whose classes get new names (as
+        transformers does); with an ``id2label`` given beside it, the two must agree.
+
+        Raises:
+            InvalidConfigError: A saved field or an override the config refuses (naming it).
+        """
+        given = kwargs.get("num_labels")
+        if given is not None:
+            _check_labels(cls, given, before_init=True)  # an integer >= 1 (a class has no id2label)
+            names = kwargs.get("id2label")
+            if isinstance(names, dict) and len(names) != given:
+                raise InvalidConfigError(
+                    f"num_labels={given!r} disagrees with id2label, which names {len(names)} classes; give one of "
+                    "them, or make them agree"
+                )
+            saved = config_dict.get("id2label")
+            if isinstance(saved, dict) and len(saved) != given:  # a new head: its classes get new names
+                config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        if isinstance(config, MiMConfig):
+            _check_labels(config, given)
+            config.validate_architecture()
+        return result
 
     # --- checks ----------------------------------------------------------------------------------------
 
@@ -279,6 +335,12 @@ class MiMConfig(PreTrainedConfig):
             raise InvalidConfigError(
                 f"num_attention_heads {self.num_attention_heads} does not divide embed_dims[3] = {width}"
             )
+        for stage, (dim, ratio, depth) in enumerate(zip(self.embed_dims, self.mlp_ratios, self.depths)):
+            if depth and int(dim * ratio) < 1:
+                raise InvalidConfigError(
+                    f"mlp_ratios[{stage}] = {ratio} gives stage {stage + 1} (width {dim}) an MLP of int({dim} x {ratio}) "
+                    "= 0 hidden units; use a ratio of at least 1 / width"
+                )
         if self.use_absolute_position_embeddings and width % 6:
             raise InvalidConfigError(
                 f"embed_dims[3] = {width} must be divisible by 6 for the 3D sin-cos position table (a sin and a cos "
@@ -289,13 +351,27 @@ class MiMConfig(PreTrainedConfig):
         """The extra rule of the segmentation network, checked when it is built.
 
         Raises:
-            InvalidConfigError: ``8 * feature_size != embed_dims[3]``, or a stage that does not halve the grid.
+            InvalidConfigError: ``8 * feature_size != embed_dims[3]``, a stage that does not halve the grid, or an
+                ``image_size`` (the window the pipelines run the network on) that is not a multiple of twice the
+                patch stride or leaves the fpn map a single voxel.
         """
         self.validate_architecture()
         if list(self.patch_sizes) != [2, 2, 2, 2]:
             raise InvalidConfigError(
                 f"patch_sizes {list(self.patch_sizes)}: the segmentation decoder takes the stage maps at strides 2, "
                 "4, 8 and 16 (and the fpn at 32), so every stage must halve the grid: patch_sizes [2, 2, 2, 2]"
+            )
+        window = 2 * self.total_stride
+        if any(n % window for n in self.image_size):
+            raise InvalidConfigError(
+                f"image_size {list(self.image_size)}: the segmentation network runs on windows of image_size, whose "
+                f"fpn map (stride {window}) needs every axis to be a multiple of {window}"
+            )
+        if math.prod(n // window for n in self.image_size) < 2:
+            raise InvalidConfigError(
+                f"image_size {list(self.image_size)} leaves the segmentation network's fpn map a single voxel, which "
+                f"instance norm cannot normalise; use at least {2 * window} on one axis (e.g. image_size "
+                f"{[2 * window, *self.image_size[1:]]})"
             )
         width = self.hidden_size
         if self.feature_size * 8 != width:
@@ -342,6 +418,11 @@ class MiMConfig(PreTrainedConfig):
                 "alignment='released' reshapes the down features by num_down_patches rows per sample (upstream "
                 f"assumes num_down_patches == num_mid_volumes) and needs num_mid_volumes ({self.num_mid_volumes}) <= "
                 f"num_down_patches ({self.num_down_patches}); use alignment='paper' otherwise"
+            )
+        if int(self.decoder_hidden_size * self.decoder_mlp_ratio) < 1:
+            raise InvalidConfigError(
+                f"decoder_mlp_ratio {self.decoder_mlp_ratio} gives the decoder (width {self.decoder_hidden_size}) an MLP "
+                "of 0 hidden units; use a ratio of at least 1 / decoder_hidden_size"
             )
         if self.decoder_hidden_size % self.decoder_num_attention_heads:
             raise InvalidConfigError(

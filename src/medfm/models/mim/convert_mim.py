@@ -47,6 +47,7 @@ from ..conversion_utils import (
     load_state_dict_strict,
     register_load_time_adaptation,
     require_keys,
+    single_tensor,
 )
 from .configuration_mim import MiMConfig
 from .modeling_mim import resize_position_embeddings
@@ -97,6 +98,10 @@ _REL_TABLE = re.compile(r"^(blocks4\.\d+\.attn\.)relative_position_bias_table$")
 _REL_INDEX = re.compile(r"^blocks4\.\d+\.attn\.relative_position_index$")
 # Upstream ConvViT3dUNETR's decoder modules (MONAI blocks), which medfm keeps under ``decoder.``.
 _SEG_DECODER = re.compile(r"^(encoder(1|2|3|4|10)|decoder[1-5]|out)\.")
+# Keys of MiM's four stages (upstream names, at the top level or under ``backbone.``).
+_MIM_STAGE = re.compile(r"^(backbone\.)?(patch_embed[1-4]|blocks[1-4])\.")
+# Keys of a single-stage ViT (another family's checkpoint given to the MiM converter).
+_SINGLE_STAGE_VIT = re.compile(r"^(\w+\.)?(blocks\.\d+|patch_embed\.)")
 # Tensors whose presence tells the kind of checkpoint.
 _PRETRAINING_MARKERS = ("decoder_pred.weight", "mask_token")
 _SEGMENTATION_MARKERS = ("backbone.patch_embed1.proj.weight", "encoder1.layer.conv1.conv.weight")
@@ -147,7 +152,8 @@ def _saved_token_grid(config: MiMConfig) -> list[int] | None:
 
 class ResizePositionEmbedding(LoadTimeAdaptation):
     """Weight-loading op: ``pos_embed`` resized to the model config's token grid (trilinear,
-    ``align_corners=False``: :func:`~medfm.models.mim.modeling_mim.resize_position_embeddings`).
+    ``align_corners=False``: :func:`~medfm.models.mim.modeling_mim.resize_position_embeddings`), and the
+    pre-training ``decoder_pos_embed`` likewise (:meth:`adapt_decoder_table`).
 
     A table that already has the config's token count is kept as it is. Otherwise its grid is the one of the
     config saved with the weights (``image_size`` of the folder being loaded) when that has as many tokens, else
@@ -172,6 +178,29 @@ class ResizePositionEmbedding(LoadTimeAdaptation):
             source = [side] * 3
         return resize_position_embeddings(table, source, target)
 
+    def adapt_decoder_table(self, table: torch.Tensor, config: MiMConfig) -> torch.Tensor:
+        """The pre-training ``decoder_pos_embed`` on ``config.token_grid`` (a pre-training folder loaded with another
+        ``image_size``: a run continued on other crops). It is a fixed sin-cos table (spec §1.2): when it is that of
+        its saved grid it is rebuilt exactly for the new grid (a freshly built model's table); any other table is
+        resized as :meth:`adapt` resizes ``pos_embed``."""
+        target = list(config.token_grid)
+        tokens = int(table.shape[1]) if table.ndim == 3 else -1
+        if table.ndim != 3 or tokens == math.prod(target):
+            return table
+        source = _saved_token_grid(config)
+        if source is not None and math.prod(source) == tokens and _is_sincos_table(table[0], source):
+            return _sincos(target, int(table.shape[-1])).unsqueeze(0).to(table.dtype)
+        return self.adapt(table, config)
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        """Apply :meth:`adapt` to ``pos_embed``, :meth:`adapt_decoder_table` to ``decoder_pos_embed``."""
+        tensor = single_tensor(input_dict)
+        if config is not None:
+            decoder = str(kwargs.get("full_layer_name") or "").endswith("decoder_pos_embed")
+            tensor = (self.adapt_decoder_table if decoder else self.adapt)(tensor, config)
+        return {target_patterns[0]: tensor}
+
 
 class TileInputChannels(LoadTimeAdaptation):
     """Weight-loading op: ``patch_embed1.proj.weight`` tiled to ``config.num_channels`` (:func:`tile_input_channels`)."""
@@ -184,13 +213,14 @@ class TileInputChannels(LoadTimeAdaptation):
 def register_mim_weight_adaptation() -> None:
     """Hook the pre-training -> fine-tuning adaptation into ``from_pretrained`` for every ``mim`` model.
 
-    Idempotent; a family load hook. Only the encoder's own ``pos_embed`` is matched (``(?<!\\w)`` keeps the
-    decoder's ``decoder_pos_embed`` out).
+    Idempotent; a family load hook. The encoder's ``pos_embed`` and the pre-training ``decoder_pos_embed`` (one
+    pattern, as every pattern must match a tensor of every MiM class; ``(?<![a-z])`` anchors its start) are fitted
+    to the config's token grid, and the first patch embedding to its channels.
     """
     register_load_time_adaptation(
         MiMConfig.model_type,
         [
-            (r"(?<!\w)pos_embed", ResizePositionEmbedding()),
+            (r"(?<![a-z])pos_embed", ResizePositionEmbedding()),
             (r"(?<!\w)patch_embed1\.proj\.weight", TileInputChannels()),
         ],
     )
@@ -209,7 +239,7 @@ def detect_checkpoint_kind(state: dict[str, torch.Tensor], source: str | os.Path
     Raises:
         UnsupportedFormatError: None of these (naming what was looked for).
     """
-    if any(key in state for key in _PRETRAINING_MARKERS):
+    if any(key in state for key in _PRETRAINING_MARKERS) and any(_MIM_STAGE.match(key) for key in state):
         return "pretraining"
     if all(key in state for key in _SEGMENTATION_MARKERS):
         return "segmentation"
@@ -218,10 +248,16 @@ def detect_checkpoint_kind(state: dict[str, torch.Tensor], source: str | os.Path
     if "patch_embed1.proj.weight" in state and all(_ENCODER.match(key) for key in state):
         return "backbone"
     sample = sorted(state)[:6]
+    hint = ""
+    if any(_SINGLE_STAGE_VIT.match(key) for key in state):
+        hint = (
+            "; its keys (blocks.N..., patch_embed.*) are those of a single-stage ViT, not of MiM's four-stage "
+            "ConvViT3d: convert it with its own family's converter (`medfm convert --help` lists them)"
+        )
     raise UnsupportedFormatError(
         "not a MiM checkpoint of a known kind: expected a pre-training model (decoder_pred, mask_token), a "
         "segmentation network (backbone.*, encoder1), a classifier (patch_embed1..., head) or a bare encoder "
-        f"(patch_embed1..., blocks4...); found keys such as {sample}",
+        f"(patch_embed1..., blocks4...); found keys such as {sample}{hint}",
         source,
     )
 
@@ -259,6 +295,41 @@ def convert_mim_state_dict(state: dict[str, torch.Tensor], kind: str) -> dict[st
 
 def _encoder_key(key: str) -> str:
     return _REL_TABLE.sub(r"\1relative_position_bias.relative_position_bias_table", key)
+
+
+def _sincos(grid: list[int] | tuple[int, ...], width: int) -> torch.Tensor:
+    from ...layers.position import sincos_position_table
+
+    return sincos_position_table(list(grid), width)
+
+
+def _is_sincos_table(table: torch.Tensor, grid: list[int] | tuple[int, ...]) -> bool:
+    """Whether ``(N, C)`` ``table`` is the fixed 3D sin-cos table of ``grid`` (spec §1.2)."""
+    if table.is_meta:  # shapes only: nothing to compare
+        return False
+    try:
+        expected = _sincos(grid, int(table.shape[-1]))
+    except ValueError:  # a width the sin-cos table cannot have
+        return False
+    return expected.shape == table.shape and torch.allclose(table.float(), expected, atol=1e-4, rtol=0.0)
+
+
+def _sincos_grid(pos_embed: torch.Tensor | None) -> list[int] | None:
+    """The token grid whose fixed sin-cos table a pre-training ``pos_embed`` ``(1, N, C)`` is, or ``None`` (a
+    learned or altered table). Distinct grids of ``N`` tokens have distinct tables, so at most one fits."""
+    if pos_embed is None or pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] % 6:
+        return None
+    if pos_embed.is_meta or not _is_sincos_table(pos_embed[0, :1], [1, 1, 1]):
+        return (
+            None  # token 0 (coordinates 0, 0, 0) has the same row in every grid's table: not a sin-cos table
+        )
+    tokens = int(pos_embed.shape[1])
+    side = _cube_root(tokens)
+    candidates = ([(side,) * 3] if side is not None else []) + [g for g in _grids(tokens) if len(set(g)) > 1]
+    for grid in candidates:
+        if _is_sincos_table(pos_embed[0], grid):
+            return list(grid)
+    return None
 
 
 def _cube_root(n: int) -> int | None:
@@ -493,10 +564,22 @@ def _infer(state, encoder, overrides, source, kind) -> MiMConfig:
         )
     tokens = int(pos_embed.shape[1]) if pos_embed is not None else None
     if kind == "pretraining":
-        # Upstream pre-trains on a cubic grid; a grid given by image_size needs only the right token count.
-        side = _cube_root(tokens) if requested_grid is None else None
+        # The pre-training pos_embed is a fixed sin-cos table, which tells its grid; failing that (a learned or
+        # altered table), upstream pre-trains on a cubic grid, and a grid given by image_size needs only the right
+        # token count.
+        table_grid = _sincos_grid(pos_embed)
+        side = _cube_root(tokens) if requested_grid is None and table_grid is None else None
         if requested_grid is not None:
             grid = infer_token_grid(tokens, requested=requested_grid, source=source)
+            if table_grid is not None and table_grid != grid:
+                raise InvalidConfigError(
+                    f"image_size gives the token grid {grid}, but the pre-training pos_embed is the sin-cos table of "
+                    f"the grid {table_grid} (image_size {[g * stride for g in table_grid]}): the checkpoint was made "
+                    "for that image_size; leave image_size out or give that one",
+                    source,
+                )
+        elif table_grid is not None:
+            grid = table_grid
         elif side is not None:
             grid = [side] * 3
         else:
@@ -559,11 +642,16 @@ def _infer(state, encoder, overrides, source, kind) -> MiMConfig:
             source,
         )
     config = build_config(MiMConfig, values, source)
-    if kind == "pretraining":
+    checks = {
+        "pretraining": ("pre-training", config.check_pretraining),
+        "segmentation": ("segmentation", config.check_segmentation),
+    }
+    if kind in checks:
+        label, check = checks[kind]
         try:
-            config.check_pretraining()
+            check()
         except InvalidConfigError as error:
-            raise InvalidConfigError(f"invalid MiMConfig for pre-training ({error.reason})", source) from None
+            raise InvalidConfigError(f"invalid MiMConfig for {label} ({error.reason})", source) from None
     return config
 
 

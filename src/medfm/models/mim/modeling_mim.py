@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ...errors import VolumeShapeError
+from ...errors import LabelMapError, VolumeShapeError
 from ...layers.attention import AttentionCore
 from ...layers.blocks import PreNormBlock
 from ...layers.drop import DropPath, drop_path_rates
@@ -359,6 +359,8 @@ class MiMPreTrainedModel(MedfmPreTrainedModel):
             raise VolumeShapeError(
                 f"pixel_values must be a (B, C, D1, D2, D3) tensor for {type(self).__name__}; got {shape}"
             )
+        if pixel_values.shape[0] == 0:
+            raise VolumeShapeError(f"pixel_values is an empty batch {tuple(pixel_values.shape)}")
         if pixel_values.shape[1] != self.config.num_channels:
             raise VolumeShapeError(
                 f"pixel_values has {pixel_values.shape[1]} channels; {type(self).__name__} takes "
@@ -677,6 +679,14 @@ class MiMForSemanticSegmentation(MiMPreTrainedModel):
             raise VolumeShapeError(
                 f"labels must be (B, *spatial) or (B, 1, *spatial) matching logits {tuple(logits.shape)}; got "
                 f"{tuple(labels.shape)}"
+            )
+        classes = logits.shape[1]
+        if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+            raise LabelMapError("labels must be whole class indices; got fractional values")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+            raise LabelMapError(
+                f"labels must be class indices in [0, {classes - 1}] (num_labels={classes}); got values from "
+                f"{int(target.min())} to {int(target.max())}"
             )
         criterion = DiceCELoss(
             to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ...errors import VolumeShapeError
+from ...errors import InvalidConfigError, VolumeShapeError
 from ...layers.losses import masked_reconstruction_loss
 from ...layers.masking import gather_tokens, mask_from_noise, repeat_group_noise, scatter_tokens
 from ...layers.patch_embed import patchify
@@ -88,7 +88,8 @@ class MiMNoise:
         upstream's order (so ``None`` consumes the global RNG as upstream's forward does).
 
         Raises:
-            ValueError: An unknown key, or a draw of the wrong shape.
+            VolumeShapeError: Not a mapping, an unknown key, a draw that is not a real floating-point tensor of
+                the right shape, or a draw with NaN or Inf (which would fix the mask instead of drawing it).
         """
         if noise is None:
             given: dict[str, torch.Tensor] = {}
@@ -97,13 +98,13 @@ class MiMNoise:
         elif isinstance(noise, Mapping):
             given = {str(k).removeprefix("noise_"): v for k, v in noise.items()}
         else:
-            raise ValueError(
+            raise VolumeShapeError(
                 f"noise must be a MiMNoise, a mapping of its fields or None; got {type(noise).__name__}"
             )
         shapes = cls.shapes(batch_size, config)
         unknown = sorted(set(given) - set(shapes))
         if unknown:
-            raise ValueError(f"unknown noise keys {unknown}; expected some of {list(shapes)}")
+            raise VolumeShapeError(f"unknown noise keys {unknown}; expected some of {list(shapes)}")
         draws = {}
         for name, shape in shapes.items():
             value = given.get(name)
@@ -111,11 +112,18 @@ class MiMNoise:
                 value = torch.rand(
                     shape, device=device if generator is None else generator.device, generator=generator
                 )
+            elif not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise VolumeShapeError(f"noise {name!r} must be a real floating-point tensor; got {kind}")
             elif tuple(value.shape) != shape:
-                raise ValueError(
+                raise VolumeShapeError(
                     f"noise {name!r} must have shape {shape} for {batch_size} crop(s) "
                     f"(num_mid_volumes={config.num_mid_volumes}, num_down_patches={config.num_down_patches}, "
                     f"{config.num_tokens} tokens); got {tuple(value.shape)}"
+                )
+            elif not torch.isfinite(value).all():
+                raise VolumeShapeError(
+                    f"noise {name!r} holds NaN or Inf; noise must be finite (uniform in [0, 1))"
                 )
             draws[name] = value.to(device=device, dtype=torch.float32)
         return cls(**draws)
@@ -131,15 +139,15 @@ def mim_loss_weights(
     ``w_down * (cos(pi p / 2) + 1)``. (Upstream ``engine_pretrain.py`` with ``lr_sched.get_*_weight_*``.)
 
     Raises:
-        ValueError: An unknown mode, or a scheduled mode without a progress in ``[0, 1]``.
+        InvalidConfigError: An unknown mode, or a scheduled mode without a progress in ``[0, 1]``.
     """
     weights = [float(w) for w in weights]
     if mode == "concurrent":
         return weights
     if mode not in ("coarse_to_fine", "fine_to_coarse"):
-        raise ValueError(f"unknown loss_weight_mode {mode!r}")
+        raise InvalidConfigError(f"unknown loss_weight_mode {mode!r}")
     if training_progress is None or not 0.0 <= float(training_progress) <= 1.0:
-        raise ValueError(
+        raise InvalidConfigError(
             f"loss_weight_mode={mode!r} needs training_progress (epoch / epochs) in [0, 1]; got {training_progress!r}"
         )
     angle = math.pi * float(training_progress) / 2

@@ -11,7 +11,9 @@ schedule done, which the ``coarse_to_fine`` and ``fine_to_coarse`` loss-weight m
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +23,91 @@ from ...errors import PretrainingOptionError
 from .base import DataRecipe, PretrainingObjective
 
 __all__ = ["MiMPretraining"]
+
+
+def _check_crop_grid(config: dict[str, Any], crop: list[int]) -> None:
+    """Refuse a crop whose levels have a token grid pre-training cannot mask in 8 groups (naming --crop-size)."""
+    patches = config.get("patch_sizes", (2, 2, 2, 2))
+    if not (isinstance(patches, list | tuple) and all(isinstance(p, int) and p > 0 for p in patches)):
+        return  # the config check names the field
+    stride = math.prod(patches)
+    level = [c // 2 for c in crop]
+    if any(n % stride for n in level) or math.prod(n // stride for n in level) % 8:
+        grid = "x".join(str(n // stride) if n % stride == 0 else f"{n / stride:g}" for n in level)
+        step = 4 * stride  # cubic levels of an even number of tokens per axis: a multiple of 8 tokens
+        nearest = sorted({max(step, crop[-1] // step * step), max(step, -(-crop[-1] // step) * step)})
+        raise PretrainingOptionError(
+            f"--crop-size {crop[-1]} gives MiM levels of {level[-1]}^3 voxels, a {grid} token grid (stride "
+            f"{stride}), which pre-training cannot mask in 8 groups of tokens; use a multiple of {step} "
+            f"(e.g. {' or '.join(str(n) for n in nearest)})"
+        )
+
+
+def _local_config(model: str) -> dict[str, Any] | None:
+    """The saved config of a local ``--pretrained`` folder (``None`` for a Hub id or an unreadable file, which
+    transformers reports on when loading).
+
+    Raises:
+        PretrainingOptionError: The folder holds a model of another type than ``mim``.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        saved = json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model_type = saved.get("model_type") if isinstance(saved, dict) else None
+    if model_type != "mim":
+        raise PretrainingOptionError(
+            f"--pretrained {model}: a {model_type!r} model; --model mim needs a 'mim' one (a MiM pre-training or "
+            "converted MiM folder)"
+        )
+    return saved
+
+
+def _load_pretrained(model: str, config: dict[str, Any]) -> torch.nn.Module:
+    """``AutoModelForPreTraining.from_pretrained(model, **config)``, a folder of another family, an unreadable one,
+    or weights of other shapes than ``--config`` asks for refused naming ``--pretrained``."""
+    from ...errors import CheckpointMismatchError, MedfmError
+
+    try:
+        saved = AutoConfig.from_pretrained(model)
+    except MedfmError as error:
+        raise PretrainingOptionError(f"--pretrained {model}: {error.reason}") from None
+    except (OSError, ValueError, KeyError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise PretrainingOptionError(
+            f"--pretrained {model}: not a model folder or Hub id transformers can read ({first})"
+        ) from None
+    if getattr(saved, "model_type", None) != "mim":
+        raise PretrainingOptionError(
+            f"--pretrained {model}: a {getattr(saved, 'model_type', None)!r} model; --model mim needs a 'mim' one "
+            "(a MiM pre-training or converted MiM folder)"
+        )
+    try:
+        return AutoModelForPreTraining.from_pretrained(model, **config)
+    except CheckpointMismatchError:
+        pass  # named below, in --config's terms
+    except MedfmError as error:
+        raise PretrainingOptionError(f"--pretrained {model}: {error.reason}") from None
+    except RuntimeError as error:
+        if "mismatched" not in str(error):
+            raise
+    # transformers refuses tensors of other shapes than the config asks for; name them.
+    _, info = AutoModelForPreTraining.from_pretrained(
+        model, ignore_mismatched_sizes=True, output_loading_info=True, **config
+    )
+    wrong = sorted(
+        f"{key} {tuple(saved_shape)} (model {tuple(shape)})"
+        for key, saved_shape, shape in info["mismatched_keys"]
+    )
+    more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+    raise PretrainingOptionError(
+        f"--pretrained {model}: its weights do not fit the model --config asks for (tensors of other shapes: "
+        f"{', '.join(wrong[:4])}{more}); leave out the --config fields that change the architecture (the folder's "
+        "config.json has them)"
+    )
 
 
 class MiMPretraining(PretrainingObjective):
@@ -49,27 +136,74 @@ class MiMPretraining(PretrainingObjective):
         self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def build(cls, model, tokenizer, config, tokenizer_config, **settings: Any) -> MiMPretraining:
+    def check_options(
+        cls,
+        config: dict[str, Any],
+        crop_size: int | Sequence[int] | None = None,
+        pretrained: str | None = None,
+    ) -> dict[str, Any]:
+        """Check ``--config`` (and ``--crop-size``) before any data is read or model built; return the config fields
+        the model is built with (``image_size`` set to half the crop).
+
+        Raises:
+            PretrainingOptionError: ``--config`` names a field MiMConfig does not have, gives an ``image_size``
+                that is not half the crop, or (without ``--pretrained``, whose folder holds the config) gives a
+                config MiM pre-training refuses; ``--crop-size`` gives levels whose token grid pre-training
+                cannot mask in 8 groups; a local ``--pretrained`` folder holds another model type. The message
+                names the option and what is allowed.
+        """
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from ...errors import InvalidConfigError
+        from ...models.conversion_utils import check_config_fields
+
         config = dict(config)
-        crop = settings.get("crop")
-        if crop is not None:
-            if any(int(c) % 2 for c in crop):
+        try:
+            check_config_fields(CONFIG_MAPPING["mim"], config)  # MiMConfig, named through its registration
+        except InvalidConfigError as error:
+            raise PretrainingOptionError(error.reason) from None
+        if crop_size is not None:
+            crop = [int(crop_size)] * 3 if isinstance(crop_size, int) else [int(c) for c in crop_size]
+            if any(c % 2 for c in crop):
                 raise PretrainingOptionError(f"--crop-size {crop[-1]}: a MiM crop must be even (two levels)")
-            level = [int(c) // 2 for c in crop]
-            if "image_size" in config and [int(s) for s in config["image_size"]] != level:
-                raise PretrainingOptionError(
-                    f"--config image_size {config['image_size']} disagrees with --crop-size {crop[-1]}: MiM "
-                    f"crops are twice the level input, so image_size must be {level} (or leave it out)"
-                )
+            level = [c // 2 for c in crop]
+            if "image_size" in config:
+                given = config["image_size"]
+                if isinstance(given, int) and not isinstance(given, bool):
+                    given = [given] * 3
+                if not (
+                    isinstance(given, list | tuple)
+                    and len(given) == 3
+                    and all(isinstance(n, int) and not isinstance(n, bool) for n in given)
+                ):
+                    raise PretrainingOptionError(
+                        f"--config image_size {config['image_size']!r} must be three integers (or one); MiM crops are "
+                        f"twice the level input, so with --crop-size {crop[-1]} it is {level} (or leave it out)"
+                    )
+                if list(given) != level:
+                    raise PretrainingOptionError(
+                        f"--config image_size {config['image_size']} disagrees with --crop-size {crop[-1]}: MiM "
+                        f"crops are twice the level input, so image_size must be {level} (or leave it out)"
+                    )
             config["image_size"] = level
+        saved = _local_config(pretrained) if pretrained is not None else {}
+        if crop_size is not None and saved is not None:  # the grid rule, with the folder's patch sizes if any
+            _check_crop_grid({**saved, **config}, crop)
+        if pretrained is None:  # else the folder holds the rest of the config: checked when it is loaded
+            try:
+                AutoConfig.for_model("mim", **config).check_pretraining()
+            except InvalidConfigError as error:
+                raise PretrainingOptionError(f"--config: {error.reason}") from None
+        return config
+
+    @classmethod
+    def build(cls, model, tokenizer, config, tokenizer_config, **settings: Any) -> MiMPretraining:
+        crop = settings.get("crop")
+        config = cls.check_options(config, crop, pretrained=model)
         if model is not None:
-            mim = AutoModelForPreTraining.from_pretrained(model, **config)
+            mim = _load_pretrained(model, config)
         else:
             mim = AutoModelForPreTraining.from_config(AutoConfig.for_model("mim", **config))
-        if getattr(mim.config, "model_type", None) != "mim":
-            raise PretrainingOptionError(
-                f"--pretrained {model}: a {mim.config.model_type!r} model; --model mim needs a 'mim' one"
-            )
         return cls(mim, total_steps=settings.get("steps"))
 
     @classmethod
