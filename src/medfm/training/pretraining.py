@@ -28,6 +28,12 @@ __all__ = [
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's line breaks and shows every option's default, unless its help already says it."""
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Names such as spad-vit stay whole: wrap at spaces only.
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or (action.help and "default" in action.help):
             return action.help
