@@ -14,6 +14,7 @@ __all__ = [
     "BatchItemError",
     "BatchOutputError",
     "CheckpointMismatchError",
+    "CheckpointShapeMismatchError",
     "CorruptFileError",
     "DatasetError",
     "DeviceUnavailableError",
@@ -141,6 +142,11 @@ class InvalidConfigError(MedfmError, ValueError):
 
 class CheckpointMismatchError(UnsupportedFormatError):
     """A checkpoint's tensors do not fit the model: missing or unexpected keys, or tensors of the wrong shape."""
+
+
+class CheckpointShapeMismatchError(CheckpointMismatchError, RuntimeError):
+    """A checkpoint's tensors have other shapes than the config (as overridden) asks for. Also a RuntimeError,
+    which is what transformers raises there, so code written against transformers keeps catching it."""
 
 
 class NonFiniteWeightsError(MedfmError, ValueError):

@@ -221,7 +221,7 @@ class MedfmPreTrainedModel(MedfmModelMixin, PreTrainedModel):
 
 def _mismatch_error(cls: type, source: Any, args: tuple, kwargs: dict[str, Any]) -> Exception:
     """The typed error for a checkpoint whose tensors do not fit the config as overridden, naming them."""
-    from ..errors import CheckpointMismatchError
+    from ..errors import CheckpointShapeMismatchError
 
     overrides = {
         k: v for k, v in kwargs.items() if k not in ("ignore_mismatched_sizes", "output_loading_info")
@@ -238,7 +238,7 @@ def _mismatch_error(cls: type, source: Any, args: tuple, kwargs: dict[str, Any])
     listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     # An Auto class passes the merged config object; only plain overrides are worth naming.
     shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if k != "config")
-    return CheckpointMismatchError(
+    return CheckpointShapeMismatchError(
         f"its tensors {listed or '(see the load report above)'} do not fit the config as "
         f"{'overridden (' + shown + ')' if shown else 'given'}; drop the overrides that change the architecture, or "
         "pass ignore_mismatched_sizes=True to initialise those tensors afresh",

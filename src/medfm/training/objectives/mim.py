@@ -146,7 +146,7 @@ class MiMPretraining(PretrainingObjective):
         the model is built with (``image_size`` set to half the crop).
 
         Raises:
-            PretrainingOptionError: ``--config`` names a field MiMConfig does not have, gives an ``image_size``
+            PretrainingOptionError: ``--config`` names a field the mim config does not have, gives an ``image_size``
                 that is not half the crop, or (without ``--pretrained``, whose folder holds the config) gives a
                 config MiM pre-training refuses; ``--crop-size`` gives levels whose token grid pre-training
                 cannot mask in 8 groups; a local ``--pretrained`` folder holds another model type. The message
@@ -159,7 +159,7 @@ class MiMPretraining(PretrainingObjective):
 
         config = dict(config)
         try:
-            check_config_fields(CONFIG_MAPPING["mim"], config)  # MiMConfig, named through its registration
+            check_config_fields(CONFIG_MAPPING["mim"], config)  # the mim config class, found through its registration
         except InvalidConfigError as error:
             raise PretrainingOptionError(error.reason) from None
         if crop_size is not None:
