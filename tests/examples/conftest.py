@@ -29,3 +29,16 @@ def decathlon(tmp_path_factory, anatomical_path: Path) -> Path:
         json.dumps({"name": "tiny", "labels": {"0": "background", "1": "bright"}, "training": training})
     )
     return root
+
+
+def write_flip_classes(folder: Path, anatomical_path: Path) -> Path:
+    """Two classes of three volumes from nibabel's anatomical.nii, ``upright`` and ``flipped`` (in-plane), as
+    class folders under ``folder``."""
+    source = nib.load(anatomical_path)
+    data = np.asarray(source.dataobj).astype(np.float32)
+    for name, transform in {"upright": lambda a: a, "flipped": lambda a: a[:, ::-1, ::-1]}.items():
+        (folder / name).mkdir(parents=True)
+        for case in range(3):
+            volume = np.ascontiguousarray(transform(np.roll(data, case, axis=0)))
+            nib.save(nib.Nifti1Image(volume, source.affine), folder / name / f"c{case}.nii.gz")
+    return folder

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from transformers import pipeline
@@ -16,17 +14,12 @@ from medfm.training.classification import _auc
 
 from ..common.tiny_models import save_tiny_pretrained_vit
 from . import load_example
+from .conftest import write_flip_classes
 
 
 @pytest.mark.slow
 def test_finetune_classification_example(tmp_path: Path, anatomical_path: Path, capsys) -> None:
-    source = nib.load(anatomical_path)
-    data = np.asarray(source.dataobj).astype(np.float32)
-    for name, transform in {"upright": lambda a: a, "flipped": lambda a: a[:, ::-1, ::-1]}.items():
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for case in range(3):
-            volume = np.ascontiguousarray(transform(np.roll(data, case, axis=0)))
-            nib.save(nib.Nifti1Image(volume, source.affine), tmp_path / "data" / name / f"c{case}.nii.gz")
+    write_flip_classes(tmp_path / "data", anatomical_path)
     pretrained = save_tiny_pretrained_vit(tmp_path / "pretrained")
     final = load_example("finetune_classification").main(
         [

@@ -21,6 +21,7 @@ from medfm.models.mim.convert_mim import convert_mim_checkpoint
 
 from ..conftest import fixtures_root
 from . import load_example
+from .conftest import write_flip_classes
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +81,7 @@ def test_converted_folder_copies_run_through_the_cli(converted_mim: Path, tmp_pa
 def test_converted_mim_fine_tunes_a_classifier(
     converted_mim: Path, anatomical_path: Path, tmp_path: Path
 ) -> None:
-    source = nib.load(anatomical_path)
-    data = np.asarray(source.dataobj).astype(np.float32)
-    for name, transform in {"upright": lambda a: a, "flipped": lambda a: a[:, ::-1, ::-1]}.items():
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for case in range(3):
-            volume = np.ascontiguousarray(transform(np.roll(data, case, axis=0)))
-            nib.save(nib.Nifti1Image(volume, source.affine), tmp_path / "data" / name / f"c{case}.nii.gz")
+    write_flip_classes(tmp_path / "data", anatomical_path)
     final = load_example("finetune_classification").main(
         ["--model", str(converted_mim), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run")]
         + [
