@@ -152,6 +152,7 @@ def check_device(device: str | None) -> None:
 
 
 def _looks_like_path(name: str) -> bool:
+    """:func:`medfm.hub.looks_like_local_path`, imported when first needed (it loads huggingface_hub)."""
     from .hub import looks_like_local_path
 
     return looks_like_local_path(name)
@@ -201,12 +202,12 @@ def _model_config(model: str, task: str) -> Any:
     """
     from transformers import AutoConfig
 
+    from .hub import check_model_source
     from .tasks import check_task
 
+    check_model_source(model)
     path = Path(model).expanduser()
     local = path.exists()
-    if not local and _looks_like_path(model):
-        raise ModelNotFoundError("no such folder; --model takes a model folder or a Hub id (org/name)", model)
     if local and not path.is_dir():
         raise ModelLoadError(
             "is a file; --model takes the folder save_pretrained wrote (config.json, weights, "
