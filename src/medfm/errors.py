@@ -146,7 +146,20 @@ class CheckpointMismatchError(UnsupportedFormatError):
 
 class CheckpointShapeMismatchError(CheckpointMismatchError, RuntimeError):
     """A checkpoint's tensors have other shapes than the config (as overridden) asks for. Also a RuntimeError,
-    which is what transformers raises there, so code written against transformers keeps catching it."""
+    which is what transformers raises there, so code written against transformers keeps catching it.
+
+    Attributes:
+        mismatched: ``(name, checkpoint shape, model shape)`` of each tensor that does not fit, where known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str | os.PathLike | None = None,
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
+    ):
+        super().__init__(message, path)
+        self.mismatched = list(mismatched or [])
 
 
 class NonFiniteWeightsError(MedfmError, ValueError):

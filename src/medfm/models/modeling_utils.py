@@ -230,11 +230,12 @@ def _mismatch_error(cls: type, source: Any, args: tuple, kwargs: dict[str, Any])
         _, info = super(MedfmPreTrainedModel, cls).from_pretrained(
             source, *args, **overrides, ignore_mismatched_sizes=True, output_loading_info=True
         )
-        names = [
-            str(item[0] if isinstance(item, tuple) else item) for item in info.get("mismatched_keys", [])
+        mismatched = [
+            (str(key), tuple(saved), tuple(shape)) for key, saved, shape in info.get("mismatched_keys", [])
         ]
     except Exception:  # the names are a courtesy; the error stands without them
-        names = []
+        mismatched = []
+    names = [key for key, _, _ in mismatched]
     listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     # An Auto class passes the merged config object; only plain overrides are worth naming.
     shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if k != "config")
@@ -243,6 +244,7 @@ def _mismatch_error(cls: type, source: Any, args: tuple, kwargs: dict[str, Any])
         f"{'overridden (' + shown + ')' if shown else 'given'}; drop the overrides that change the architecture, or "
         "pass ignore_mismatched_sizes=True to initialise those tensors afresh",
         os.fspath(source) if isinstance(source, str | os.PathLike) else None,
+        mismatched=mismatched,
     )
 
 

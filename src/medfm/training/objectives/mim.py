@@ -43,6 +43,15 @@ def _check_crop_grid(config: dict[str, Any], crop: list[int]) -> None:
         )
 
 
+def _require_mim(model: str, model_type: Any) -> None:
+    """Refuse a ``--pretrained`` model of another type than ``mim``, naming the option."""
+    if model_type != "mim":
+        raise PretrainingOptionError(
+            f"--pretrained {model}: a {model_type!r} model; --model mim needs a 'mim' one (a MiM pre-training or "
+            "converted MiM folder)"
+        )
+
+
 def _local_config(model: str) -> dict[str, Any] | None:
     """The saved config of a local ``--pretrained`` folder (``None`` for a Hub id or an unreadable file, which
     transformers reports on when loading).
@@ -57,19 +66,14 @@ def _local_config(model: str) -> dict[str, Any] | None:
         saved = json.loads((Path(model).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    model_type = saved.get("model_type") if isinstance(saved, dict) else None
-    if model_type != "mim":
-        raise PretrainingOptionError(
-            f"--pretrained {model}: a {model_type!r} model; --model mim needs a 'mim' one (a MiM pre-training or "
-            "converted MiM folder)"
-        )
+    _require_mim(model, saved.get("model_type") if isinstance(saved, dict) else None)
     return saved
 
 
 def _load_pretrained(model: str, config: dict[str, Any]) -> torch.nn.Module:
     """``AutoModelForPreTraining.from_pretrained(model, **config)``, a folder of another family, an unreadable one,
     or weights of other shapes than ``--config`` asks for refused naming ``--pretrained``."""
-    from ...errors import CheckpointMismatchError, MedfmError
+    from ...errors import CheckpointShapeMismatchError, MedfmError
 
     try:
         saved = AutoConfig.from_pretrained(model)
@@ -80,34 +84,19 @@ def _load_pretrained(model: str, config: dict[str, Any]) -> torch.nn.Module:
         raise PretrainingOptionError(
             f"--pretrained {model}: not a model folder or Hub id transformers can read ({first})"
         ) from None
-    if getattr(saved, "model_type", None) != "mim":
-        raise PretrainingOptionError(
-            f"--pretrained {model}: a {getattr(saved, 'model_type', None)!r} model; --model mim needs a 'mim' one "
-            "(a MiM pre-training or converted MiM folder)"
-        )
+    _require_mim(model, getattr(saved, "model_type", None))
     try:
         return AutoModelForPreTraining.from_pretrained(model, **config)
-    except CheckpointMismatchError:
-        pass  # named below, in --config's terms
+    except CheckpointShapeMismatchError as error:
+        wrong = sorted(f"{key} {saved_shape} (model {shape})" for key, saved_shape, shape in error.mismatched)
+        more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+        raise PretrainingOptionError(
+            f"--pretrained {model}: its weights do not fit the model --config asks for (tensors of other shapes: "
+            f"{', '.join(wrong[:4])}{more}); leave out the --config fields that change the architecture (the "
+            "folder's config.json has them)"
+        ) from None
     except MedfmError as error:
         raise PretrainingOptionError(f"--pretrained {model}: {error.reason}") from None
-    except RuntimeError as error:
-        if "mismatched" not in str(error):
-            raise
-    # transformers refuses tensors of other shapes than the config asks for; name them.
-    _, info = AutoModelForPreTraining.from_pretrained(
-        model, ignore_mismatched_sizes=True, output_loading_info=True, **config
-    )
-    wrong = sorted(
-        f"{key} {tuple(saved_shape)} (model {tuple(shape)})"
-        for key, saved_shape, shape in info["mismatched_keys"]
-    )
-    more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
-    raise PretrainingOptionError(
-        f"--pretrained {model}: its weights do not fit the model --config asks for (tensors of other shapes: "
-        f"{', '.join(wrong[:4])}{more}); leave out the --config fields that change the architecture (the folder's "
-        "config.json has them)"
-    )
 
 
 class MiMPretraining(PretrainingObjective):
@@ -158,8 +147,8 @@ class MiMPretraining(PretrainingObjective):
         from ...models.conversion_utils import check_config_fields
 
         config = dict(config)
-        try:
-            check_config_fields(CONFIG_MAPPING["mim"], config)  # the mim config class, found through its registration
+        try:  # the mim config class, found through its registration
+            check_config_fields(CONFIG_MAPPING["mim"], config)
         except InvalidConfigError as error:
             raise PretrainingOptionError(error.reason) from None
         if crop_size is not None:
