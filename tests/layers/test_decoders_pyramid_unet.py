@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medfm.layers.decoders.conv import UpStep, conv_norm_act
+from medfm.layers.decoders.conv import (
+    UpStep,
+    conv_norm_act,
+    conv_transpose,
+    prefers_channels_last,
+    to_channels_last,
+)
 from medfm.layers.decoders.feature_pyramid import SimpleFeaturePyramid
 from medfm.layers.decoders.unet import PyramidUNetDecoder
 
@@ -75,3 +81,80 @@ def test_unet_decoder_outputs_and_gradients() -> None:
     ]
     sum(h.square().mean() for h in heads).backward()
     assert all(p.grad is not None for p in decoder.parameters())
+
+
+# The fast paths (issue 14): each against the plain torch module it replaces, forward and backward.
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stride_upsample_equals_the_transposed_conv(spatial_dims: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    factor = (1, 2, 3)[-spatial_dims:]
+    fast = conv_transpose(5, 7, factor, spatial_dims=spatial_dims)
+    if not bias:
+        fast.bias = None
+    plain = (torch.nn.ConvTranspose2d if spatial_dims == 2 else torch.nn.ConvTranspose3d)(
+        5, 7, factor, stride=factor, bias=bias
+    )
+    plain.load_state_dict(fast.state_dict())
+    assert isinstance(fast, type(plain))  # same class for isinstance checks, init and state-dict keys
+    x = torch.randn(2, 5, *(3, 4, 6)[-spatial_dims:], requires_grad=True)
+    out, ref = fast(x), plain(x)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, fast.weight])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, plain.weight])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # A channels-last input gives a channels-last output with the same values.
+    last = to_channels_last(x.detach())
+    out_last = fast(last)
+    torch.testing.assert_close(out_last, ref.detach(), atol=1e-6, rtol=1e-6)
+    assert out_last.is_contiguous(
+        memory_format=torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    )
+
+
+def test_conv_norm_act_gradients_equal_the_plain_modules() -> None:
+    torch.manual_seed(0)
+    unit = conv_norm_act(4, 6, 3)
+    plain = torch.nn.Sequential(unit[0], unit[1], unit[2])
+    x = torch.randn(2, 4, 5, 6, 7, requires_grad=True)
+    out, ref = unit(x), plain(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sin().sum(), [x, unit[0].weight])
+    ref_grads = torch.autograd.grad(ref.sin().sum(), [x, unit[0].weight])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert list(dict(unit.named_parameters())) == ["0.weight"]
+
+
+def test_prefers_channels_last_only_for_16_bit_convolutions() -> None:
+    x = torch.randn(1, 1, 2, 2, 2)
+    assert not prefers_channels_last(x)
+    assert prefers_channels_last(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert prefers_channels_last(x)
+    assert not prefers_channels_last(torch.randn(2, 3))
+
+
+def test_unet_decoder_bf16_channels_last_path_and_head_count() -> None:
+    torch.manual_seed(0)
+    strides = [(1, 4, 4), (2, 8, 8), (4, 16, 16), (8, 32, 32)]
+    decoder = PyramidUNetDecoder(1, 8, (4, 4, 8, 8), (2, 4), num_labels=3, level_strides=strides).eval()
+    image = torch.randn(1, 1, 16, 64, 64)
+    features = [torch.randn(1, 8, *(n // s for n, s in zip(image.shape[2:], stride))) for stride in strides]
+    with torch.no_grad():
+        contiguous = decoder(image, features)
+        (first,) = decoder(image, features, num_heads=1)
+        torch.testing.assert_close(first, contiguous[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (fast,) = decoder(image, features, num_heads=1)
+    # The kernels were made channels-last in place, once; the logits come back contiguous.
+    assert decoder.laterals[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert fast.is_contiguous() and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), contiguous[0], atol=0.1, rtol=0.05)
+    with torch.no_grad():  # fp32 after that is unchanged
+        torch.testing.assert_close(
+            decoder(image, features, num_heads=1)[0], contiguous[0], atol=1e-5, rtol=1e-5
+        )

@@ -179,3 +179,20 @@ def test_spatial_helpers_give_typed_errors_for_impossible_requests() -> None:
         resize(volume, (3, 4, 4), mode="bicubic")
     with pytest.raises(ProcessorConfigError, match="not one of"):
         resize(volume, (3, 4, 4), mode="cubic")
+
+
+def test_reuse_freed_memory_is_set_once_and_can_be_turned_off() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from medfm import memory
+
+    code = "from medfm.memory import reuse_freed_memory as r; a = r(); print(a, r() == a)"
+    on = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert on[1] == "True"  # idempotent; True on glibc (this machine), False elsewhere
+    env = {**os.environ, memory.REUSE_FREED_MEMORY_ENV: "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert off.stdout.split() == ["False", "True"]

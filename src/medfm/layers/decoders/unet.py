@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .conv import UpStep, conv_norm_act
+from .conv import UpStep, conv_norm_act, prefers_channels_last, to_channels_last
 
 __all__ = ["PyramidUNetDecoder"]
 
@@ -63,12 +63,23 @@ class PyramidUNetDecoder(nn.Module):
         factor_to_half = (depth0 // half_depth, level_strides[0][1] // 2, level_strides[0][2] // 2)
         self.up_to_half = UpStep(lateral[0], half, half, factor_to_half, (1, 3, 3))
         self.up_to_full = UpStep(half, full, full, (half_depth, 2, 2), (1, 3, 3))
+        self._kernels_channels_last = False
         self.heads = nn.ModuleList(
             [nn.Conv3d(c, num_labels, 1) for c in (full, half, lateral[0], lateral[1])]
         )
 
-    def forward(self, pixel_values: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits of the four heads, finest first, from the input and the pyramid levels (finest first)."""
+    def forward(
+        self, pixel_values: torch.Tensor, features: list[torch.Tensor], num_heads: int = 4
+    ) -> list[torch.Tensor]:
+        """Logits of the first ``num_heads`` heads, finest first, from the input and the pyramid levels (finest
+        first). Inference needs only head 0; the others are deep supervision."""
+        if prefers_channels_last(pixel_values):
+            # 16-bit convolutions run several times faster with maps and kernels channels-last (the kernels
+            # are converted once, in place; save_pretrained writes them contiguous as always).
+            if not self._kernels_channels_last:
+                self.to(memory_format=torch.channels_last_3d)
+                self._kernels_channels_last = True
+            pixel_values, features = to_channels_last(pixel_values), [to_channels_last(f) for f in features]
         laterals = [lateral(f) for lateral, f in zip(self.laterals, features)]
         x = laterals[3]
         level_maps = {}
@@ -80,4 +91,4 @@ class PyramidUNetDecoder(nn.Module):
         half_map = self.up_to_half(level_maps[0], half)
         full_map = self.up_to_full(half_map, full)
         maps = [full_map, half_map, level_maps[0], level_maps[1]]
-        return [head(m) for head, m in zip(self.heads, maps)]
+        return [head(m).contiguous() for head, m in zip(self.heads[:num_heads], maps)]

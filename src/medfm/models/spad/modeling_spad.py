@@ -710,12 +710,12 @@ class SpadViTForSemanticSegmentation(SpadViTPreTrainedModel):
         volume, is_2d = as_volume(pixel_values)
         check_divisible(volume.shape[2:], self.pyramid.level_strides[3], "the coarsest pyramid stride")
         features, backbone = self.extract_features(volume, spacing, aniso_d, **kwargs)
-        outputs = self.decoder(volume.to(features[0].dtype), features)
+        deep = self.config.deep_supervision and (self.training or labels is not None)
+        outputs = self.decoder(volume.to(features[0].dtype), features, num_heads=4 if deep else 1)
         logits = outputs[0]
         loss = None
         if labels is not None:
-            heads = outputs if self.config.deep_supervision else outputs[:1]
-            loss = deep_supervision_loss(heads, labels.unsqueeze(1) if is_2d else labels)
+            loss = deep_supervision_loss(outputs, labels.unsqueeze(1) if is_2d else labels)
         auxiliary = tuple(outputs[1:]) if self.training and self.config.deep_supervision else None
         return SpadViTSegmentationOutput(
             loss=loss,
