@@ -185,6 +185,26 @@ BAD_INPUTS = {
         None,
     ),
     "zero labels asked": ("classify {file} --model {models}/cls --top-k 0", ["--top-k 0"], None),
+    "zero windows per forward pass": (
+        "segment {file} --model {models}/seg --out {out}/s.nii.gz --sw-batch-size 0",
+        ["--sw-batch-size 0"],
+        None,
+    ),
+    "folder of cases with nothing to segment": (
+        "segment {out} --model {models}/seg --out {out}/../labels",
+        ["/out:", "no NIfTI files", "DICOM series"],
+        None,
+    ),
+    "output folder inside the folder of cases": (
+        "segment {out} --model {models}/seg --out {out}/labels",
+        ["/out/labels:", "inside the input folder"],
+        None,
+    ),
+    "negative worker count": (
+        "segment {out} --model {models}/seg --out {out}/../labels --workers -1",
+        ["--workers -1"],
+        None,
+    ),
     "missing option": ("classify {file}", ["--model", "--help"], None),
 }
 

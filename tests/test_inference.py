@@ -1,4 +1,5 @@
-"""Sliding-window inference: a progress bar when a person watches a terminal, none in tests, CI and logs."""
+"""Sliding-window inference: a progress bar when a person watches a terminal, none in tests, CI and logs;
+test-time augmentation by mirroring; window batches that do not change the result."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import io
 import pytest
 import torch
 
-from medfm.inference import progress_wanted, sliding_window_logits
+from medfm.inference import flip_combinations, progress_wanted, sliding_window_count, sliding_window_logits
 from medfm.models.spad import SpadViTForSemanticSegmentation
 
+from .common.threshold_model import ThresholdConfig, ThresholdSegmenter
 from .common.tiny_models import tiny_segmentation_config
 
 
@@ -65,3 +67,63 @@ def test_progress_bar_by_default_when_watched(monkeypatch: pytest.MonkeyPatch) -
 def test_no_progress_bar_in_tests_or_logs(capfd: pytest.CaptureFixture) -> None:
     _run()  # under pytest, stderr captured: neither a terminal nor watched
     assert capfd.readouterr().err == ""
+
+
+def test_progress_options_place_the_window_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    watched = _watched(monkeypatch)
+    _run(progress={"position": 1, "leave": False, "desc": "tiles"})
+    assert "tiles:" in watched.getvalue() and "0/9" in watched.getvalue()  # 3 x 3 x 1 windows
+
+
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap"),
+    [((16, 64, 64), (8, 32, 64), 0.5), ((5, 33, 17), (4, 16, 16), 0.25), ((3, 8, 8), (4, 16, 16), 0.5)],
+)
+def test_window_count_is_what_monai_visits(shape, roi, overlap) -> None:
+    model = ThresholdSegmenter(ThresholdConfig()).eval()
+    sliding_window_logits(model, torch.rand(1, 1, *shape), roi, overlap=overlap, progress=False)
+    assert model.calls == sliding_window_count(shape, roi, overlap)
+
+
+def _tiny() -> SpadViTForSemanticSegmentation:
+    torch.manual_seed(0)
+    return SpadViTForSemanticSegmentation(tiny_segmentation_config()).eval()
+
+
+def test_tta_averages_the_logits_of_every_mirrored_input() -> None:
+    model, spacing = _tiny(), torch.tensor([4.0, 1, 1])
+    volume = torch.randn(1, 1, 8, 32, 64, generator=torch.Generator().manual_seed(1))
+    roi = (8, 32, 64)  # one window, the volume: mirroring the window is mirroring the volume
+
+    def logits(x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return sliding_window_logits(model, x, roi, spacing=spacing, **kwargs)
+
+    combinations = flip_combinations((2, 3, 4))
+    assert len(combinations) == 8 and combinations[0] == ()
+    manual = torch.stack(
+        [logits(volume.flip(axes)).flip(axes) if axes else logits(volume) for axes in combinations]
+    ).mean(0)
+    averaged = logits(volume, tta=True)
+    torch.testing.assert_close(averaged, manual, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(averaged, logits(volume), atol=1e-4)  # this model is not mirror-symmetric
+
+
+def test_tta_mirrors_every_axis_longer_than_a_voxel() -> None:
+    model = ThresholdSegmenter(ThresholdConfig()).eval()
+    volume = torch.rand(1, 1, 4, 16, 16)
+    plain = sliding_window_logits(model, volume, (4, 16, 16))
+    model.calls = 0
+    mirrored = sliding_window_logits(model, volume, (4, 16, 16), tta=True)
+    assert model.calls == 8
+    torch.testing.assert_close(mirrored, plain)  # a voxel-wise model is its own mirror image
+    model.calls = 0
+    sliding_window_logits(model, volume, (1, 16, 16), overlap=0, tta=True)
+    assert model.calls == 4 * 4  # four one-slice windows, each mirrored in-plane only
+
+
+def test_window_batches_do_not_change_the_logits() -> None:
+    one = _run()
+    torch.testing.assert_close(_run(sw_batch_size=2), one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run(sw_batch_size=4, tta=True), _run(tta=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sw_batch_size must be at least 1"):
+        _run(sw_batch_size=0)

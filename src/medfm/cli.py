@@ -77,12 +77,27 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .batch_segmentation import holds_dicom_slices
+
+    if args.sw_batch_size < 1:
+        raise ValueError(f"--sw-batch-size {args.sw_batch_size}: give at least 1 window per forward pass")
+    source = Path(args.file)
+    if source.is_dir() and not holds_dicom_slices(source) and not _names_nifti(args.out):
+        return _segment_folder(args)
     segmenter = _load_pipeline("medical-segmentation", args.model, args.device, args.file)
-    options = {"save_to": args.out, "overlap": args.overlap, "bfloat16": args.bf16}
+    options = {
+        "save_to": args.out,
+        "overlap": args.overlap,
+        "bfloat16": args.bf16,
+        "tta": args.tta,
+        "sw_batch_size": args.sw_batch_size,
+    }
     if args.roi_size:
         options["roi_size"] = args.roi_size
     if args.overlay:
         options["overlay_to"] = args.overlay
+    if args.progress is not None:
+        options["progress"] = args.progress
     result = segmenter(args.file, **options)
     print(f"wrote {result['saved_to']}" + (f" and {result['overlay']}" if args.overlay else ""))
     for label, stats in result["labels"].items():
@@ -90,6 +105,74 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             f"  {label:>3}  {stats['name']:<24} {stats['voxels']:>10} voxels  {stats['volume_ml']:>10.2f} ml"
         )
     return 0
+
+
+def _names_nifti(path: str) -> bool:
+    return path.lower().endswith((".nii", ".nii.gz"))
+
+
+def _segment_folder(args: argparse.Namespace) -> int:
+    """``medfm segment IN_DIR --out OUT_DIR``: every NIfTI file and DICOM series under IN_DIR
+    (:func:`medfm.batch_segmentation.segment_folder`)."""
+    from .batch_segmentation import check_folders, find_cases, process_info, segment_folder
+
+    if args.overlay:
+        raise ValueError(
+            "--overlay draws one volume; for a folder of inputs leave it out (the label maps and volumes.csv "
+            "are written to --out)"
+        )
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (read in the main process) or more")
+    cases = find_cases(args.file)
+    check_folders(args.file, args.out, cases)  # before minutes of model loading
+    processes = process_info()
+    device = args.device
+    if processes.device is not None and device in (None, "cuda"):
+        device = processes.device  # each process of a launch on its own GPU
+    segmenter = _load_pipeline("medical-segmentation", args.model, device, args.file)
+    prog = getattr(args, "prog", None) or f"medfm {args.command}"
+    if processes.is_main:
+        series = sum(case.kind == "dicom" for case in cases)
+        split = f", split across {processes.count} processes" if processes.count > 1 else ""
+        print(
+            f"{len(cases)} cases under {args.file} ({len(cases) - series} NIfTI, {series} DICOM series){split}"
+        )
+
+    def on_case(outcome) -> None:
+        from tqdm.auto import tqdm
+
+        if outcome.status == "failed":
+            if getattr(args, "debug", False) and outcome.details:
+                tqdm.write(outcome.details.rstrip(), file=sys.stderr)
+            tqdm.write(f"{prog}: case {outcome.case.name} failed: {outcome.error}", file=sys.stderr)
+        elif outcome.status == "ok":
+            tqdm.write(
+                f"segmented {outcome.case.name} -> {outcome.output} ({outcome.seconds:.1f} s)",
+                file=sys.stdout,
+            )
+
+    report = segment_folder(
+        segmenter,
+        args.file,
+        args.out,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        tta=args.tta,
+        sw_batch_size=args.sw_batch_size,
+        roi_size=args.roi_size,
+        overlap=args.overlap,
+        bfloat16=args.bf16,
+        progress=args.progress,
+        processes=processes,
+        cases=cases,
+        on_case=on_case,
+    )
+    where = f"process {processes.index} of {processes.count}: " if processes.count > 1 else ""
+    print(where + report.summary())
+    if report.volumes_csv is not None:
+        failed = f", {report.job_failed} failed" if report.job_failed else ""
+        print(f"wrote {report.volumes_csv} ({report.total_cases} cases{failed})")
+    return report.exit_status
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
@@ -440,14 +523,49 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser(
         "segment", help="segment a volume with a medfm model, write NIfTI (and a PNG)"
     )
-    segment.add_argument("file", help="NIfTI file, DICOM file, or folder of DICOM slices")
+    segment.add_argument(
+        "file",
+        help="NIfTI file, DICOM file, folder of DICOM slices, or a folder of cases (NIfTI files and DICOM series "
+        "folders, searched recursively)",
+    )
     segment.add_argument("--model", required=True, help="model folder or Hub id (with its processor)")
-    segment.add_argument("--out", required=True, help="output .nii or .nii.gz (on the input's grid)")
-    segment.add_argument("--overlay", help="also write a PNG of three orthogonal slices")
+    segment.add_argument(
+        "--out",
+        required=True,
+        help="output .nii or .nii.gz (on the input's grid); for a folder of cases, an output folder (label maps "
+        "under the inputs' relative paths, a record per case, volumes.csv)",
+    )
+    segment.add_argument("--overlay", help="also write a PNG of three orthogonal slices (one volume)")
     segment.add_argument("--roi-size", type=int, nargs=3, metavar=("D", "H", "W"), help="sliding window")
     segment.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
+    segment.add_argument(
+        "--sw-batch-size", type=int, default=1, metavar="N", help="windows per forward pass (default 1)"
+    )
+    segment.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the logits over flips of every window axis (nnU-Net's "
+        "mirroring; 8 forward passes per 3D window)",
+    )
     segment.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     segment.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    segment.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="folder of cases: processes reading the next cases while the model runs (default min(2, CPUs); "
+        "0: read in the main process)",
+    )
+    segment.add_argument(
+        "--overwrite", action="store_true", help="folder of cases: redo the cases an earlier run finished"
+    )
+    segment.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: when stderr is a terminal, not in CI or tests)",
+    )
     segment.set_defaults(func=_cmd_segment)
 
     classify = commands.add_parser("classify", help="classify a 2D image or 3D volume with a medfm model")

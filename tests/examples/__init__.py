@@ -26,8 +26,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_on_two_cpu_processes(script: Path, arguments: list[str], timeout: int = 300):
-    """``accelerate launch`` ``script`` as two CPU processes (gloo DDP); returns the finished process."""
+def launch_on_two_cpu_processes(
+    script: Path | str, arguments: list[str], timeout: int = 300, *, module: bool = False
+):
+    """``accelerate launch`` ``script`` as two CPU processes (gloo DDP); returns the finished process.
+
+    With ``module``, ``script`` names a module run as ``python -m`` (``accelerate launch -m medfm ...``).
+    """
     import os
     import subprocess
     import sys
@@ -46,6 +51,7 @@ def launch_on_two_cpu_processes(script: Path, arguments: list[str], timeout: int
         "no",
         "--dynamo_backend",
         "no",
+        *(["-m"] if module else []),
         str(script),
         *arguments,
     ]

@@ -29,9 +29,14 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         roi_size: Window ``(D, H, W)`` on the processed grid; by default the processed volume, capped at 128 per
             axis and rounded up to the model's required multiple.
         overlap: Window overlap fraction (default 0.5).
-        sw_batch_size: Windows per forward pass (default 1).
+        sw_batch_size: Windows per forward pass (default 1); the result does not depend on it.
         mode: Blending of overlapping windows, ``"gaussian"`` (default) or ``"constant"``.
         bfloat16: Run the model under bfloat16 autocast.
+        tta: Test-time augmentation by mirroring (nnU-Net's): each window is also run flipped along every
+            combination of its spatial axes and the logits are averaged (8 forward passes per 3D window, 4 per
+            2D one); see :func:`~medfm.inference.sliding_window_logits`.
+        progress: A progress bar over the windows: ``True``, ``False``, a mapping of tqdm options, or ``None``
+            (default: when a person watches stderr, :func:`~medfm.inference.progress_wanted`).
         spacing: Spacing for array inputs.
         return_probabilities: Also return per-class probabilities on the input grid.
         save_to: Write the label map as NIfTI with the input's affine (atomically, never over the input). For
@@ -94,6 +99,8 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         sw_batch_size: int | None = None,
         mode: str | None = None,
         bfloat16: bool | None = None,
+        tta: bool | None = None,
+        progress: bool | dict | None = None,
         spacing: Sequence[float] | None = None,
         return_probabilities: bool | None = None,
         save_to: str | os.PathLike | None = None,
@@ -111,6 +118,10 @@ class MedicalSegmentationPipeline(MedicalPipeline):
                 raise ValueError(f"overlap must be in [0, 1); got {overlap}")
             forward["overlap"] = float(overlap)
         if sw_batch_size is not None:
+            if int(sw_batch_size) < 1 or int(sw_batch_size) != sw_batch_size:
+                raise ValueError(
+                    f"sw_batch_size must be a whole number of windows, at least 1; got {sw_batch_size}"
+                )
             forward["sw_batch_size"] = int(sw_batch_size)
         if mode is not None:
             if mode not in ("gaussian", "constant"):
@@ -118,6 +129,10 @@ class MedicalSegmentationPipeline(MedicalPipeline):
             forward["mode"] = mode
         if bfloat16 is not None:
             forward["bfloat16"] = bool(bfloat16)
+        if tta is not None:
+            forward["tta"] = bool(tta)
+        if progress is not None:
+            forward["progress"] = progress
         postprocess: dict[str, Any] = {}
         if return_probabilities is not None:
             postprocess["return_probabilities"] = bool(return_probabilities)
@@ -135,6 +150,8 @@ class MedicalSegmentationPipeline(MedicalPipeline):
         sw_batch_size: int = 1,
         mode: str = "gaussian",
         bfloat16: bool = False,
+        tta: bool = False,
+        progress: bool | dict | None = None,
     ) -> dict[str, Any]:
         pixel_values = model_inputs["pixel_values"]
         if pixel_values.ndim == 4:  # (B, C, H, W): one slice
@@ -148,6 +165,8 @@ class MedicalSegmentationPipeline(MedicalPipeline):
             sw_batch_size=sw_batch_size,
             mode=mode,
             bfloat16=bfloat16,
+            tta=tta,
+            progress=progress,
         )
         return {"logits": logits, "grid": model_inputs["grid"], "volume": model_inputs["volume"]}
 
