@@ -5,14 +5,16 @@
 #               (tests/conformance; `make test` runs them too). The first run downloads the installed
 #               transformers release's sdist from PyPI into ~/.cache/medfm (see tests/conformance/).
 # GPU users: `make test TORCH=torch` (or any torch requirement) installs the CUDA build instead of the
-# pinned CPU wheel used on our CI machines. `make test EXTRAS=dev,demo,triton` adds Triton, whose kernel
+# pinned CPU wheel used on our CI machines. `make test EXTRAS=dev,demo,app,triton` adds Triton, whose kernel
 # tests then run (under the Triton interpreter on CPU).
+# The `app` extra (Gradio) is in the default EXTRAS so the web viewer's tests run; its real-browser test also
+# needs Chromium (`apt-get install chromium`, which .ci/run does) and skips, saying so, where there is none.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
-EXTRAS ?= dev,demo
+EXTRAS ?= dev,demo,app
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfm-installed
 

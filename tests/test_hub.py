@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSemanticSegmentation, pipeline
 
-import medfm  # noqa: F401
+import medfm
 from medfm.hub import CardInfo, push_to_hub
 from medfm.models.spad import SpadViTForSemanticSegmentation
 from medfm.processing import MedicalImageProcessor
@@ -188,3 +188,110 @@ def test_pushing_an_adapter_uploads_a_self_contained_folder(tmp_path: Path) -> N
     card = ModelCard.load(folder / "README.md")
     assert card.data.pipeline_tag == "image-segmentation" and card.data.license_name
     assert "**adapter**" in card.text and 'pipeline("medical-segmentation"' in card.text
+
+
+class SpaceRecordingApi(RecordingApi):
+    """A recording Hub that also takes Space repositories (``repo_type="space"``, ``space_sdk``)."""
+
+    def __init__(self, into: Path, fail_space: str | None = None):
+        super().__init__(into)
+        self.repos: list[tuple[str, str | None, str | None]] = []
+        self.uploads: list[tuple[str, str | None]] = []
+        self.fail_space = fail_space
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, token=None, repo_type=None, space_sdk=None):
+        if repo_type == "space" and self.fail_space == "create":
+            raise ConnectionError("403 Forbidden: no rights to create Spaces")
+        self.repos.append((repo_id, repo_type, space_sdk))
+        super().create_repo(repo_id, private, exist_ok, token)
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, token=None, repo_type=None):
+        if repo_type == "space" and self.fail_space == "upload":
+            raise ConnectionError("Connection reset by peer")
+        self.uploads.append((repo_id, repo_type))
+        return super().upload_folder(repo_id, folder_path, commit_message, token)
+
+
+def _space_files(folder: Path) -> tuple[str, str, object]:
+    from huggingface_hub import SpaceCard
+
+    return (
+        (folder / "app.py").read_text(),
+        (folder / "requirements.txt").read_text(),
+        SpaceCard.load(folder / "README.md").data,
+    )
+
+
+def test_write_space_makes_a_gradio_space_for_the_model(tmp_path: Path) -> None:
+    import ast
+    from importlib.metadata import PackageNotFoundError, version
+
+    from medfm.hub import TESTED_GRADIO_VERSION, write_space
+
+    folder = write_space(tmp_path / "space", "org/tissue-seg", license="apache-2.0")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    app, requirements, data = _space_files(folder)
+    assert 'build_app(model="org/tissue-seg", lock_model=True).launch()' in app
+    ast.parse(app)
+    assert requirements.splitlines()[-1] == f"medfm[app]>={medfm.__version__}"
+    try:
+        gradio_version = version("gradio")
+    except PackageNotFoundError:
+        gradio_version = TESTED_GRADIO_VERSION
+    assert (data.sdk, data.sdk_version, data.app_file) == ("gradio", gradio_version, "app.py")
+    assert data.models == ["org/tissue-seg"] and data.license == "apache-2.0" and data.title
+    with pytest.raises(ValueError, match="model_id"):
+        write_space(tmp_path / "local", "/models/my-folder")
+
+
+def test_the_space_app_builds_the_viewer(tmp_path: Path, monkeypatch) -> None:
+    """The Space's app.py, run as the Space runs it, builds the locked viewer page and launches it."""
+    import runpy
+
+    gr = pytest.importorskip("gradio", reason="the app extra (Gradio) is not installed")
+    from medfm.hub import write_space
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, *a, **k: launched.append(self))
+    folder = write_space(tmp_path / "space", "org/tissue-seg")
+    runpy.run_path(str(folder / "app.py"), run_name="__main__")
+    (app,) = launched
+    (box,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "medfm-model"]
+    assert box.value == "org/tissue-seg" and box.interactive is False
+
+
+def test_push_with_a_space(tmp_path: Path) -> None:
+    model = SpadViTForSemanticSegmentation(tiny_segmentation_config())
+    api = SpaceRecordingApi(tmp_path / "commits")
+    push_to_hub(model, "org/tissue", processor=tiny_segmentation_processor(), api=api, space=True)
+    assert api.repos == [("org/tissue", None, None), ("org/tissue-demo", "space", "gradio")]
+    assert api.uploads == [("org/tissue", None), ("org/tissue-demo", "space")]
+    app, _, data = _space_files(tmp_path / "commits" / "org--tissue-demo")
+    model_card = ModelCard.load(tmp_path / "commits" / "org--tissue" / "README.md").data
+    assert 'build_app(model="org/tissue", lock_model=True)' in app and data.models == ["org/tissue"]
+    assert data.license == model_card.license  # the Space shows the model's outputs: the model's license
+
+    api = SpaceRecordingApi(tmp_path / "commits2")
+    push_to_hub(model, "org/tissue", api=api, space=True, space_id="someone/viewer")
+    assert [repo for repo, kind, _ in api.repos if kind == "space"] == ["someone/viewer"]
+    with pytest.raises(ValueError, match="space_id"):
+        push_to_hub(model, "org/tissue", api=SpaceRecordingApi(tmp_path / "c3"), space=True, space_id="a b/c")
+
+
+def test_a_space_that_cannot_be_made_or_uploaded(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from medfm.hub import HubUploadError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = SpadViTForSemanticSegmentation(tiny_segmentation_config())
+    api = SpaceRecordingApi(tmp_path / "commits", fail_space="create")
+    with pytest.raises(HubUploadError, match="cannot create or reach the Space org/tiny-demo"):
+        push_to_hub(model, "org/tiny", api=api, space=True)
+    assert api.uploads == [] and not list(tmp_path.glob("medfm-*"))  # nothing uploaded or prepared
+    api = SpaceRecordingApi(tmp_path / "commits2", fail_space="upload")
+    with pytest.raises(HubUploadError, match="the model is on the Hub as org/tiny") as raised:
+        push_to_hub(model, "org/tiny", api=api, space=True)
+    (kept,) = tmp_path.glob("medfm-space-*")
+    assert str(kept) in str(raised.value) and (kept / "app.py").is_file()
+    assert api.uploads == [("org/tiny", None)]

@@ -1,5 +1,5 @@
 """The ``medfm`` command line: ``inspect``, ``preprocess``, ``presets``, ``segment``, ``classify``, ``convert``,
-``demo``.
+``app``, ``demo``.
 
 The error contract: every failure exits with status 2 and prints one line on stderr that names the input and
 what to do, never a traceback (``medfm --debug ...`` prints the traceback). Errors of transformers and
@@ -581,6 +581,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_convert_arguments(convert)
     convert.set_defaults(func=_cmd_convert)
+
+    from .app.launcher import add_app_arguments  # no Gradio import until the command runs
+
+    add_app_arguments(
+        commands.add_parser("app", help="serve the web viewer in a browser (pip install 'medfm[app]')")
+    )
 
     demo = commands.add_parser(
         "demo", help="fine-tune and run a SPAD-ViT on the MNI152 template nilearn ships"

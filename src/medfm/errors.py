@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "AppDependencyError",
+    "AppPortError",
     "BatchItemError",
     "BatchOutputError",
     "CheckpointMismatchError",
@@ -210,3 +212,11 @@ class PretrainingOptionError(MedfmError, ValueError):
 class DistributedLaunchError(MedfmError, RuntimeError):
     """A multi-process launch the training loop cannot run as launched (processes that do not see each
     other, an engine setting missing); the message says which setting to change."""
+
+
+class AppDependencyError(MedfmError, ImportError):
+    """The web viewer needs Gradio, an optional dependency (the ``app`` extra), and it is not installed."""
+
+
+class AppPortError(MedfmError, OSError):
+    """The viewer's address or port cannot be used (taken, or not an address of this machine)."""

@@ -2,7 +2,9 @@
 
 ``push_to_hub(model, "org/name", processor=processor, card=CardInfo(...))`` saves the model (or PEFT
 adapter), its processor and a model card with what the run knows (base model, datasets, metrics as
-model-index results, training settings) and uploads them in one commit.
+model-index results, training settings) and uploads them in one commit. With ``space=True`` it also makes a
+Gradio Space (``org/name-demo``) that serves medfm's web viewer (:mod:`medfm.app`) on the model;
+:func:`write_space` writes the same Space files to a local folder.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "push_to_hub",
     "render_model_card",
     "write_model_card",
+    "write_space",
 ]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -142,9 +145,12 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload with medfm",
     api: HfApi | None = None,
+    space: bool = False,
+    space_id: str | None = None,
 ) -> Any:
     """Save ``model`` (a medfm model or a PEFT model: then the adapter), its processor and a card; upload
-    them to ``repo_id`` in one commit.
+    them to ``repo_id`` in one commit. With ``space=True``, also create a Gradio Space that serves medfm's web
+    viewer on the model (:func:`write_space`'s files) and upload it.
 
     Args:
         model: What to push (``save_pretrained`` is called on it).
@@ -155,14 +161,18 @@ def push_to_hub(
         token: Hub token (else the logged-in one).
         commit_message: Message of the commit.
         api: The :class:`huggingface_hub.HfApi` to use (tests pass a recording one).
+        space: Also create and upload a Space (``sdk: gradio``) whose ``app.py`` serves the viewer on
+            ``repo_id``. A Space of a private model needs an ``HF_TOKEN`` secret to load it.
+        space_id: The Space's id; ``<repo_id>-demo`` by default.
 
     Returns:
-        What ``api.upload_folder`` returns (a ``CommitInfo``).
+        What ``api.upload_folder`` returns for the model (a ``CommitInfo``).
 
     Raises:
-        HubUploadError: The Hub is off (``HF_HUB_OFFLINE``) or unreachable, or refuses the repository: raised
-            before anything is written. Or the upload failed: the prepared folder is kept and the message
-            says where.
+        HubUploadError: The Hub is off (``HF_HUB_OFFLINE``) or unreachable, or refuses the repository (or the
+            Space): raised before anything is written. Or an upload failed: the prepared folder is kept and the
+            message says where.
+        ValueError: ``space_id`` is not a valid repository id.
     """
     from huggingface_hub.constants import is_offline_mode
 
@@ -171,13 +181,25 @@ def push_to_hub(
             f"cannot push to {repo_id}: the Hub is off (HF_HUB_OFFLINE is set); unset it, or save the model with "
             "save_pretrained and upload the folder later"
         )
+    if space:
+        space_id = space_id or f"{repo_id}-demo"
+        _check_repo_id(space_id, "space_id")
     api = api or HfApi(token=token)
     info = card or CardInfo()
-    # The repository first: without a network or rights nothing is written, and the message says why.
+    # The repositories first: without a network or rights nothing is written, and the message says why.
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, token=token)
     except Exception as error:  # requests/httpx connection errors, HfHubHTTPError (401, 403...)
         raise HubUploadError(f"cannot create or reach {repo_id} on the Hub ({_first_line(error)})") from error
+    if space:
+        try:
+            api.create_repo(
+                space_id, private=private, exist_ok=True, token=token, repo_type="space", space_sdk="gradio"
+            )
+        except Exception as error:
+            raise HubUploadError(
+                f"cannot create or reach the Space {space_id} on the Hub ({_first_line(error)})"
+            ) from error
     folder = Path(tempfile.mkdtemp(prefix="medfm-push-"))
     try:
         _save_for_hub(model, folder, repo_id)
@@ -197,8 +219,151 @@ def push_to_hub(
             f"uploading to {repo_id} failed ({_first_line(error)}); the prepared folder is kept at {folder}: "
             f"upload it with `hf upload {repo_id} {folder}`"
         ) from error
+    card_data = ModelCard.load(folder / "README.md").data if space else None
     shutil.rmtree(folder, ignore_errors=True)
+    if space:
+        _push_space(api, str(space_id), repo_id, card_data, token, commit_message)
     return result
+
+
+def _push_space(
+    api: Any, space_id: str, repo_id: str, card_data: Any, token: str | None, message: str
+) -> None:
+    """Write the viewer Space of ``repo_id`` and upload it to ``space_id`` (the model is already uploaded)."""
+    folder = Path(tempfile.mkdtemp(prefix="medfm-space-"))
+    try:
+        write_space(
+            folder,
+            repo_id,
+            license=getattr(card_data, "license", None),
+            license_name=getattr(card_data, "license_name", None),
+            license_link=getattr(card_data, "license_link", None),
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        api.upload_folder(
+            repo_id=space_id, folder_path=folder, commit_message=message, token=token, repo_type="space"
+        )
+    except Exception as error:
+        raise HubUploadError(
+            f"the model is on the Hub as {repo_id}, but uploading its Space {space_id} failed "
+            f"({_first_line(error)}); the Space's files are kept at {folder}: upload them with "
+            f"`hf upload --repo-type space {space_id} {folder}`"
+        ) from error
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_repo_id(repo_id: str, name: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{name} {repo_id!r} is not a Hub repository id ({_first_line(error)})") from None
+
+
+#: The Gradio release the viewer was last tested with: the Space's ``sdk_version`` when Gradio is not installed.
+TESTED_GRADIO_VERSION = "6.31.0"
+
+_SPACE_APP = """\
+# A Hugging Face Space serving medfm's web viewer on {model_id}.
+from medfm.app import build_app
+
+# lock_model: the Space serves this model only (visitors cannot make it download others).
+build_app(model="{model_id}", lock_model=True).launch()
+"""
+
+_SPACE_BODY = """
+# {title}
+
+A web viewer for [{model_id}](https://huggingface.co/{model_id}), served by
+[medfm](https://github.com/medfm/medfm)'s `medfm.app`: upload a NIfTI file, a DICOM file or a zipped DICOM
+series, run the model, scroll the axial, coronal and sagittal slices with the labels drawn over them, and
+download the label map (NIfTI, on the uploaded image's grid) and the overlay (PNG).
+
+Run it on your own machine with `pip install "medfm[app]"` and `medfm app --model {model_id}`.
+
+Research use only: not for clinical decisions. Uploaded images are processed on this Space's machine.
+"""
+
+
+def write_space(
+    folder: str | os.PathLike,
+    model_id: str,
+    *,
+    title: str | None = None,
+    license: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    sdk_version: str | None = None,
+    medfm_requirement: str | None = None,
+) -> Path:
+    """Write a Hugging Face Space that serves medfm's web viewer on a model: ``app.py``, ``requirements.txt``
+    and a ``README.md`` with the Space metadata (``sdk: gradio``, ``app_file``, ``models``...). Each file is
+    written atomically; other files in ``folder`` are left alone.
+
+    Args:
+        folder: The Space's folder (made if missing).
+        model_id: The model's Hub id, preselected in the viewer and listed in the metadata.
+        title: The Space's title; the model's name by default.
+        license: License id of the metadata (the model's; ``other`` when not given).
+        license_name: With ``license="other"``: its name.
+        license_link: With ``license="other"``: where to read it.
+        sdk_version: Gradio version the Space runs; the installed one, else :data:`TESTED_GRADIO_VERSION`.
+        medfm_requirement: The ``requirements.txt`` line for medfm; ``medfm[app]>=<this version>`` by default.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        ValueError: ``model_id`` is not a Hub repository id (a local path: a Space cannot read it).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    from . import __version__
+
+    _check_repo_id(model_id, "model_id")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if sdk_version is None:
+        try:
+            sdk_version = version("gradio")
+        except PackageNotFoundError:
+            sdk_version = TESTED_GRADIO_VERSION
+    title = title or f"{model_id.split('/')[-1]} viewer"
+    extra = {"license_name": license_name, "license_link": license_link} if license_name else {}
+    data = SpaceCardData(
+        title=title[:60],
+        sdk="gradio",
+        sdk_version=sdk_version,
+        app_file="app.py",
+        models=[model_id],
+        license=license or "other",
+        tags=["medfm", "medical-imaging"],
+        emoji="🩻",
+        colorFrom="blue",
+        colorTo="gray",
+        pinned=False,
+        short_description=f"medfm viewer for {model_id}"[:60],
+        **extra,
+    )
+    card = SpaceCard(f"---\n{data.to_yaml()}\n---\n" + _SPACE_BODY.format(title=title, model_id=model_id))
+    requirement = medfm_requirement or f"medfm[app]>={__version__}"
+    files = {
+        "app.py": _SPACE_APP.format(model_id=model_id),
+        "requirements.txt": (
+            f"# medfm and its web viewer (the app extra: Gradio); written by medfm {__version__}.\n{requirement}\n"
+        ),
+        "README.md": str(card),
+    }
+    for name, text in files.items():
+        with atomic_output(folder / name) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+    return folder
 
 
 def _save_for_hub(model: Any, folder: Path, repo_id: str) -> None:

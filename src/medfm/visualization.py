@@ -17,10 +17,56 @@ from .io.atomic import atomic_output
 from .io.orientation import transform_to_codes
 from .io.volume import MedicalVolume
 
-__all__ = ["orientation_letters", "orthogonal_slices_figure", "save_orthogonal_slices"]
+__all__ = [
+    "DISPLAY_CODES",
+    "LABEL_PALETTE",
+    "label_colour",
+    "orientation_letters",
+    "orthogonal_slices_figure",
+    "save_orthogonal_slices",
+]
 
-# Display orientation: axis 0 runs head to feet, axis 1 anterior to posterior, axis 2 right to left.
-_DISPLAY_CODES = ("I", "P", "L")
+#: Display orientation: axis 0 runs head to feet, axis 1 anterior to posterior, axis 2 right to left (nibabel
+#: axis codes). Axial and coronal panels then show the patient's right on the image's left (radiological).
+DISPLAY_CODES = ("I", "P", "L")
+_DISPLAY_CODES = DISPLAY_CODES
+
+#: Label colours (RGB, 0-255): matplotlib's ``tab10`` table, so every picture medfm draws colours label ``k``
+#: alike. Label ``k >= 1`` takes entry ``k - 1``; labels past the table get :func:`label_colour`'s extra hues.
+LABEL_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+
+
+def label_colour(value: int) -> tuple[int, int, int]:
+    """The RGB colour (0-255) of label ``value`` (``>= 1``; 0 is background and is not drawn).
+
+    Labels 1 to 10 take :data:`LABEL_PALETTE`; later ones hues spread by the golden angle, so that models with
+    many labels (whole-body CT) still get neighbours that differ.
+    """
+    value = int(value)
+    if 1 <= value <= len(LABEL_PALETTE):
+        return LABEL_PALETTE[value - 1]
+    import colorsys
+
+    hue = (value * 0.618033988749895) % 1.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def _unit_colour(value: int) -> tuple[float, float, float]:
+    return tuple(c / 255.0 for c in label_colour(value))  # type: ignore[return-value]
+
+
 _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 # Each panel fixes one display axis and shows (row axis, column axis).
 _PANELS = (("axial", 0, 1, 2), ("coronal", 1, 0, 2), ("sagittal", 2, 0, 1))
@@ -96,7 +142,6 @@ def orthogonal_slices_figure(
     figure, axes = plt.subplots(
         1, len(panels), figsize=(4 * len(panels), 4.4), facecolor="black", squeeze=False
     )
-    cmap = plt.get_cmap("tab10")
     for axis, (name, fixed, rows, columns) in zip(axes[0], panels):
         index = [slice(None)] * 3
         index[fixed] = centre[fixed]
@@ -108,7 +153,7 @@ def orthogonal_slices_figure(
             plane = label_data[tuple(index)]
             colours = np.zeros((*plane.shape, 4))
             for value in np.unique(plane[plane > 0]):
-                colours[plane == value] = (*cmap((int(value) - 1) % 10)[:3], alpha)
+                colours[plane == value] = (*_unit_colour(int(value)), alpha)
             axis.imshow(colours, aspect=aspect, interpolation="nearest")
         # Orientation letters: the row axis's first index is at the top, the column axis's at the left.
         style = dict(transform=axis.transAxes, color="yellow", fontsize=11, fontweight="bold")
@@ -121,7 +166,7 @@ def orthogonal_slices_figure(
     if label_data is not None:
         present = [int(v) for v in np.unique(label_data) if v > 0]
         handles = [
-            Patch(color=cmap((v - 1) % 10), label=(label_names or {}).get(v, f"label {v}")) for v in present
+            Patch(color=_unit_colour(v), label=(label_names or {}).get(v, f"label {v}")) for v in present
         ]
         figure.legend(
             handles=handles, loc="lower center", ncol=max(1, len(handles)), frameon=False, labelcolor="white"
