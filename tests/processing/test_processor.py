@@ -262,3 +262,17 @@ def test_preset_output_values(name: str, value: float, expected: float | None) -
         else pixel_values
     )
     torch.testing.assert_close(interior, torch.full_like(interior, expected), atol=1e-5, rtol=1e-5)
+
+
+def test_post_process_argmax_by_class_leaves_the_callers_probabilities_alone() -> None:
+    # No step changes the grid, so each class channel comes back as a view of the input: the running maximum
+    # must not be written into it. Ties go to the first class, as argmax.
+    processor = MedicalImageProcessor(steps=[])
+    inputs = processor(np.zeros((4, 5, 6), dtype=np.float32), spacing=(1.0, 1.0, 1.0))
+    probabilities = torch.rand(1, 3, 4, 5, 6)
+    probabilities[0, 2, 0, 0, 0] = probabilities[0, 0, 0, 0, 0] = 2.0  # a tie between classes 0 and 2
+    kept = probabilities.clone()
+    restored = processor.post_process_semantic_segmentation(probabilities, inputs.grids, apply_softmax=False)
+    assert torch.equal(probabilities, kept)
+    labels = restored[0]["segmentation"].array[0]
+    assert np.array_equal(labels, probabilities[0].argmax(0).numpy()) and labels[0, 0, 0] == 0

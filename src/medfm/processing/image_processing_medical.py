@@ -367,23 +367,27 @@ class MedicalImageProcessor(BaseImageProcessor):
                 "segmentation": geometry.attach(_compact_labels(labels)),
                 "probabilities": geometry.attach(restored.numpy()),
             }
-        # One class at a time: peak memory is two input-sized float maps, not K of them.
-        best = labels = None
-        for k in range(probabilities.shape[0]):
+        # One class at a time: peak memory is two input-sized float maps, not K of them. Updated in place (the
+        # first class wins ties, as argmax does).
+        classes = probabilities.shape[0]
+        best = labels = better = None
+        for k in range(classes):
             channel = undo_operations(probabilities[k : k + 1], grid.operations, mode="linear")[0]
             if best is None:
-                best, labels = channel, torch.zeros(channel.shape, dtype=torch.int64)
+                best = channel.clone()  # may be a view of the caller's probabilities (no resampling)
+                labels = torch.zeros(channel.shape, dtype=torch.uint8 if classes <= 256 else torch.int16)
+                better = torch.empty(channel.shape, dtype=torch.bool)
             else:
-                better = channel > best
-                best = torch.where(better, channel, best)
-                labels[better] = k
+                torch.gt(channel, best, out=better)
+                torch.maximum(best, channel, out=best)
+                labels.masked_fill_(better, k)
         return {"segmentation": geometry.attach(_compact_labels(labels))}
 
 
 def _compact_labels(labels: torch.Tensor) -> np.ndarray:
     array = labels.numpy()
     top = int(array.max()) if array.size else 0
-    return array.astype(np.uint8 if top < 256 else np.int16)
+    return array.astype(np.uint8 if top < 256 else np.int16, copy=False)
 
 
 def _spacing_per_item(spacing: Any, count: int) -> list[Any]:
