@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -62,8 +63,9 @@ def _voxels(image: nib.Nifti1Image, path: str) -> np.ndarray:
         ) from error
 
 
-def _check_gzip_stream(path: str) -> None:
-    """Decompress a ``.gz`` file to its end, so that gzip's CRC-32 and length check runs.
+def _check_gzip_stream(path: str, keep: int = 0) -> bytes:
+    """Decompress a ``.gz`` file to its end, so that gzip's CRC-32 and length check runs, and return its first
+    ``keep`` bytes (the image, so it is decompressed once; what follows them is read in chunks and dropped).
 
     nibabel reads only the bytes it needs and never reaches the trailer, so flipped bytes in the middle of the
     stream would decode to wrong voxels without an error.
@@ -73,8 +75,10 @@ def _check_gzip_stream(path: str) -> None:
     """
     try:
         with gzip.open(path, "rb") as stream:
+            head = stream.read(keep) if keep > 0 else b""
             while stream.read(1 << 22):
                 pass
+        return head
     except (OSError, EOFError, zlib.error) as error:
         detail = str(error) or type(error).__name__
         hint = (
@@ -83,6 +87,26 @@ def _check_gzip_stream(path: str) -> None:
             else "it is damaged or truncated"
         )
         raise CorruptFileError(f"the gzip stream cannot be trusted ({detail}); {hint}", path) from error
+
+
+def _decompressed_once(image: nib.Nifti1Image, stored: np.dtype, path: str) -> nib.Nifti1Image:
+    """The image of a ``.nii.gz`` rebuilt from its bytes, decompressed once with the stream's CRC checked.
+
+    Only the header's ``vox_offset`` plus the voxels' size are kept in memory (the voxel budget was checked on
+    the header before), so trailing data cannot grow it.
+    """
+    offset = int(image.dataobj.offset)
+    size = offset + math.prod(int(n) for n in image.shape) * stored.itemsize
+    head = _check_gzip_stream(path, keep=size)
+    if len(head) < size:
+        raise CorruptFileError(
+            f"the gzip stream holds {len(head)} bytes but the header needs {size}; the file is truncated",
+            path,
+        )
+    try:
+        return type(image).from_bytes(head)
+    except _DECODE_ERRORS as error:
+        raise CorruptFileError(f"not a readable NIfTI file ({error})", path) from error
 
 
 def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> MedicalVolume:
@@ -105,11 +129,12 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
     path = os.fspath(path)
     if not is_nifti_path(path):
         raise UnsupportedFormatError("not a NIfTI file name; expected .nii or .nii.gz", path)
-    if path.lower().endswith(".gz"):
-        _check_gzip_stream(path)
+    compressed = path.lower().endswith(".gz")
     try:
-        image = nib.load(path)
+        image = nib.load(path)  # the header only: voxels are read below
     except _DECODE_ERRORS as error:
+        if compressed:
+            _check_gzip_stream(path)  # a damaged stream says so rather than "not a NIfTI file"
         raise CorruptFileError(f"not a readable NIfTI file ({error})", path) from error
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise UnsupportedFormatError(
@@ -123,6 +148,8 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
             f"voxel type {stored} (RGB or complex) is not supported; expected real-valued scalar voxels", path
         )
     _check_voxel_budget(image, stored, path)
+    if compressed:
+        image = _decompressed_once(image, stored, path)
     data = _voxels(image, path)
     file_shape = tuple(int(n) for n in data.shape)
     channel_axis_last = False
