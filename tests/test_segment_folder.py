@@ -282,3 +282,176 @@ def test_single_volume_tta_and_window_batches(
     assert np.array_equal(maps["tta"], expected)
     status, _, err = _segment(capsys, *common, "--out", str(tmp_path / "x.nii.gz"), "--sw-batch-size", "0")
     assert status == 2 and "--sw-batch-size 0" in err
+
+
+# ------------------------------------------------------------------------------------- review regressions
+
+
+def test_linked_folders_are_searched_but_loops_and_the_output_folder_are_not(tmp_path: Path) -> None:
+    root, elsewhere, out = tmp_path / "in", tmp_path / "elsewhere", tmp_path / "out"
+    (root / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    out.mkdir()
+    for folder in (root / "real", elsewhere, out):
+        shutil.copy(NIBABEL_DATA / "anatomical.nii", folder / "scan.nii")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a folder of cases kept elsewhere
+    (root / "real" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "root").symlink_to(Path(root.anchor), target_is_directory=True)  # a link to /: a loop as well
+    (root / "results").symlink_to(out, target_is_directory=True)  # the job's own output folder
+    assert [case.name for case in find_cases(root, exclude=out)] == ["linked/scan.nii", "real/scan.nii"]
+
+
+def test_a_redone_case_that_fails_leaves_no_stale_label_map(model_dir: Path, tmp_path: Path, capsys) -> None:
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", root / "a.nii")
+    command = [str(root), "--out", str(out), "--model", str(model_dir), "--workers", "0"]
+    assert _segment(capsys, *command)[0] == 0 and (out / "a.nii.gz").is_file()
+    # The input is replaced by a broken file: the label map of the old input must not stay as the case's result.
+    (root / "a.nii").write_bytes((NIBABEL_DATA / "anatomical.nii").read_bytes()[:200])
+    status, printed, err = _segment(capsys, *command)
+    assert status == 2 and "0 segmented, 0 skipped, 1 failed" in printed and "case a.nii failed" in err
+    assert not (out / "a.nii.gz").exists()
+    assert json.loads((out / "a.json").read_text())["status"] == "failed"
+
+
+def test_cases_a_folder_job_cannot_read_say_what_to_do(
+    model_dir: Path, tmp_path: Path, ct_small_path: Path, capsys
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", root / "a.nii")
+    (root / "gone.nii").symlink_to(tmp_path / "moved.nii")
+    for index in range(2):  # two series in one folder
+        positions = [np.array([0.0, 0.0, 2.5 * k]) for k in range(2)]
+        write_dicom_series(root / "mixed", ct_small_path, positions, size=(16, 16), shuffle_seed=index)
+        for path in (root / "mixed").glob("IM*.dcm"):
+            path.rename(path.with_name(f"s{index}_{path.name}"))
+    status, printed, err = _segment(
+        capsys, str(root), "--out", str(tmp_path / "out"), "--model", str(model_dir), "--workers", "0"
+    )
+    assert status == 2 and "1 segmented, 0 skipped, 2 failed" in printed
+    lines = err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("medfm segment: case gone.nii failed: is a symbolic link to ")
+    assert lines[0].endswith("which does not exist; fix or remove the link")
+    assert lines[1].startswith("medfm segment: case mixed failed: holds 2 series")
+    assert "series_uid=" not in lines[1] and "move each series into a folder of its own" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("setup", "out", "message"),
+    [
+        (
+            lambda root: [(root / "a.nii").write_bytes(b""), (root.parent / "file").write_text("")],
+            "file/out",
+            "file is a file",
+        ),
+        (
+            lambda root: [(root / "in").mkdir(), (root / "in" / "a.nii").write_bytes(b"")],
+            "",  # --out the folder that holds the input folder: in/a.nii's label map would land on in/a.nii.gz
+            "case in/a.nii would be written to",
+        ),
+        (lambda root: (root / "a.nii").write_bytes(b""), "labels.nii.gz", "is a folder of cases (1 found"),
+    ],
+)
+def test_more_jobs_that_cannot_run_are_refused_before_loading(
+    setup, out: str, message: str, tmp_path: Path, capsys
+) -> None:
+    root = tmp_path / "top" / "in"
+    root.mkdir(parents=True)
+    setup(root)
+    target = tmp_path / "top" / out if out else tmp_path / "top"
+    status, printed, err = _segment(capsys, str(root), "--out", str(target), "--model", "nowhere")
+    assert status == 2 and printed == ""
+    assert err.startswith("medfm segment: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_an_unwritable_output_folder_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import medfm.batch_segmentation as batch
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    (root / "a.nii").write_bytes(b"")
+    # A read-only file system (or a folder not ours): the model would run on every case, then fail to write.
+    monkeypatch.setattr(batch.os, "access", lambda path, mode: False)
+    status, printed, err = _segment(capsys, str(root), "--out", str(out / "sub"), "--model", "nowhere")
+    assert status == 2 and printed == "" and len(err.splitlines()) == 1
+    assert f"{out}, where it would be created, is read-only or not yours to write" in err
+    assert not (out / "sub").exists()
+
+
+_KILLED_JOB = """
+import os, sys, time
+from pathlib import Path
+from transformers import pipeline
+import medfm
+from medfm import batch_segmentation as batch
+
+marks = Path(sys.argv[3])
+read = batch._CaseReader.__getitem__
+
+def reading(self, index):
+    (marks / f"worker-{os.getpid()}").write_text("")
+    return read(self, index)
+
+def forward(*args, **kwargs):
+    (marks / "main").write_text("")
+    time.sleep(120)
+
+batch._CaseReader.__getitem__ = reading
+segmenter = pipeline("medical-segmentation", model=sys.argv[4])
+segmenter.forward = forward
+batch.segment_folder(segmenter, sys.argv[1], sys.argv[2], workers=2)
+"""
+
+
+def test_reading_workers_die_with_a_killed_job(model_dir: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, marks = tmp_path / "in", tmp_path / "marks"
+    root.mkdir()
+    marks.mkdir()
+    for index in range(4):  # cases larger than a pipe's buffer, so a read-ahead case blocks its worker
+        data = np.random.default_rng(index).random((48, 48, 48)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), root / f"c{index}.nii")
+    job = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_JOB, str(root), str(tmp_path / "out"), str(marks), str(model_dir)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+    def workers() -> list[int]:
+        return [int(path.name.split("-")[1]) for path in marks.glob("worker-*")]
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 120
+        while not ((marks / "main").exists() and len(workers()) == 2) and time.monotonic() < deadline:
+            assert job.poll() is None, "the job ended before its workers read ahead"
+            time.sleep(0.1)
+        assert len(workers()) == 2
+        time.sleep(1)  # the workers' read-ahead cases are on their way into the pipe
+        job.send_signal(signal.SIGKILL)  # what a scheduler's time limit does, after SIGTERM
+        job.wait()
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in workers() if alive(pid)]
+        assert left == [], f"workers {left} outlived their job"
+    finally:
+        job.kill()
+        for pid in workers():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -20,7 +20,9 @@ gives exactly what ``pipeline("medical-segmentation")`` gives for each file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import math
 import multiprocessing
@@ -34,7 +36,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import BatchOutputError, DatasetError, DistributedLaunchError, MedfmError, OutputPathError
+from .errors import (
+    BatchOutputError,
+    DatasetError,
+    DistributedLaunchError,
+    MedfmError,
+    MixedSeriesError,
+    OutputPathError,
+    VolumeNotFoundError,
+)
 from .io.atomic import atomic_output
 from .io.dicom import is_dicom_file
 from .io.nifti import is_nifti_path
@@ -126,27 +136,47 @@ def holds_dicom_slices(folder: str | os.PathLike) -> bool:
     return False
 
 
-def find_cases(in_dir: str | os.PathLike) -> list[Case]:
+def find_cases(in_dir: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Case]:
     """The cases under ``in_dir``, sorted by name: every NIfTI file, and every folder holding DICOM slices.
 
     A series folder is read as :func:`medfm.io.load_volume` reads one (its subfolders included), so folders
     below it are not series of their own; NIfTI files are cases wherever they are. Hidden files and folders
-    (names starting with ``.``) and ``DICOMDIR`` files are passed over, as the DICOM reader does.
+    (names starting with ``.``) and ``DICOMDIR`` files are passed over, as the DICOM reader does. Symbolic links
+    are followed, to files and to folders (a folder of cases linked in from elsewhere is searched), except a
+    link that leads back to a folder the search is already in (a loop).
+
+    Args:
+        in_dir: The folder to search.
+        exclude: A folder never searched, however it is reached (a job's output folder, which a link inside
+            ``in_dir`` may lead to: its label maps are not cases).
 
     Raises:
         VolumeNotFoundError: ``in_dir`` is not a folder.
     """
-    from .errors import VolumeNotFoundError
-
     root = Path(in_dir)
     if not root.is_dir():
         raise VolumeNotFoundError(
             "no such folder; a folder job takes a folder of NIfTI files and DICOM series", root
         )
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+    # The real paths of the folders each walked folder lies in (by the walk), to refuse links that loop.
+    chains: dict[str, frozenset[str]] = {os.fspath(root): frozenset({os.path.realpath(root)})}
     cases: list[Case] = []
     series: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if _visible(d))
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        chain = chains.pop(folder, frozenset())
+        real_here = os.path.realpath(folder)
+        kept = []
+        for name in sorted(d for d in dirs if _visible(d)):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real == excluded:
+                continue
+            if os.path.islink(path) and (real in chain or _within(real_here, real)):
+                continue  # a link back to a folder the walk is in: following it would never end
+            chains[path] = chain | {real}
+            kept.append(name)
+        dirs[:] = kept
         here = Path(folder)
         relative = here.relative_to(root).as_posix()
         inside_series = any(s == here or s in here.parents for s in series)
@@ -160,13 +190,18 @@ def find_cases(in_dir: str | os.PathLike) -> list[Case]:
     return sorted(cases, key=lambda case: case.name)
 
 
+def _within(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def check_folders(in_dir: str | os.PathLike, out_dir: str | os.PathLike, cases: Sequence[Case]) -> None:
     """Refuse, before anything runs, a folder job that cannot run as asked.
 
     Raises:
         DatasetError: ``in_dir`` holds no NIfTI file and no DICOM series.
         OutputPathError: ``out_dir`` is a file, or ``in_dir`` itself or a folder inside it (its label maps
-            would be found as cases by the next run).
+            would be found as cases by the next run), or cannot be written (read-only, no permission).
         BatchOutputError: Two cases would write the same label map (``a/ct.nii`` and ``a/ct.nii.gz``, or a
             series folder ``a/ct/`` and ``a/ct.nii.gz``).
     """
@@ -179,12 +214,21 @@ def check_folders(in_dir: str | os.PathLike, out_dir: str | os.PathLike, cases: 
         )
     if target.exists() and not target.is_dir():
         raise OutputPathError("is a file; for a folder of inputs --out takes a folder", out_dir)
+    _check_writable(target, out_dir)
     if not cases:
         raise DatasetError(
             "no NIfTI files (.nii, .nii.gz) or DICOM series found under it (searched recursively)", in_dir
         )
     seen: dict[str, Case] = {}
+    real_source = os.path.realpath(source)
     for case in cases:
+        for written in (case.output(out_dir), case.record(out_dir)):
+            if _within(os.path.realpath(written), real_source):
+                raise BatchOutputError(
+                    f"case {case.name} would be written to {written}, inside the input folder (the output folder "
+                    "holds the input folder); choose an output folder that does not hold the input folder",
+                    in_dir,
+                )
         key = case.stem
         if key in seen:
             raise BatchOutputError(
@@ -193,6 +237,25 @@ def check_folders(in_dir: str | os.PathLike, out_dir: str | os.PathLike, cases: 
                 in_dir,
             )
         seen[key] = case
+
+
+def _check_writable(target: Path, out_dir: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be written (or created), before any case runs the model only to fail
+    at writing its label map."""
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(
+            f"cannot be created: {existing} is a file; choose another output folder", out_dir
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == target else f"{existing}, where it would be created,"
+        raise OutputPathError(
+            f"cannot be written: {where} is read-only or not yours to write (permission denied or a read-only "
+            "file system); choose a writable output folder",
+            out_dir,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -406,6 +469,12 @@ def _one_line(error: BaseException, source: Path | None = None) -> str:
         text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[0] if lines else type(error).__name__
+    if isinstance(error, MixedSeriesError):
+        # The reader's advice (series_uid=) is not an option of a folder job.
+        line = line.replace(
+            "(pass series_uid= to choose)",
+            "(a folder job reads one series per folder: move each series into a folder of its own)",
+        )
     if not isinstance(error, MedfmError | ValueError | OSError | KeyError | TypeError):
         line = f"{type(error).__name__}: {line}"
     return line
@@ -441,6 +510,11 @@ class _CaseReader:
         # Taken before reading: a record describes the input as it was read.
         fingerprint = _fingerprint(case.source)
         try:
+            if case.source.is_symlink() and not case.source.exists():
+                raise VolumeNotFoundError(
+                    f"is a symbolic link to {os.readlink(case.source)}, which does not exist; fix or remove the link",
+                    case.source,
+                )
             inputs = self.pipeline.preprocess(os.fspath(case.source), **self.preprocess_params)
         except Exception as error:  # any failure of one case is that case's, reported with it
             return _Prepared(
@@ -469,6 +543,25 @@ def _worker_context(workers: int) -> tuple[int, Any]:
     return 0, None
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader worker start (Linux): have the kernel kill this worker when the process that started it dies.
+
+    A job killed by SIGTERM or SIGKILL (a scheduler's time limit, ``kill``) cannot stop its workers, and they
+    do not stop by themselves: each blocks for ever writing its read-ahead case into a pipe that its sibling
+    workers still hold open, keeping a preprocessed volume in memory.
+    """
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux's C library: nothing to ask for
+        return
+    if os.getppid() != parent:  # the job died before the request was made
+        os._exit(1)
+
+
 def _loader(pipeline: Any, cases: Sequence[Case], preprocess_params: dict[str, Any], workers: int):
     from torch.utils.data import DataLoader
 
@@ -476,7 +569,12 @@ def _loader(pipeline: Any, cases: Sequence[Case], preprocess_params: dict[str, A
     options: dict[str, Any] = {}
     if workers:
         # One case ahead per worker: a preprocessed CT can take gigabytes.
-        options = {"multiprocessing_context": context, "prefetch_factor": 1, "persistent_workers": False}
+        options = {
+            "multiprocessing_context": context,
+            "prefetch_factor": 1,
+            "persistent_workers": False,
+            "worker_init_fn": functools.partial(_die_with_parent, os.getpid()),
+        }
     return DataLoader(
         _CaseReader(pipeline, cases, preprocess_params),
         batch_size=None,
@@ -552,7 +650,7 @@ def segment_folder(
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     processes = processes or ProcessInfo()
-    cases = list(find_cases(in_dir) if cases is None else cases)
+    cases = list(find_cases(in_dir, exclude=out_dir) if cases is None else cases)
     check_folders(in_dir, out_dir, cases)
     workers = default_workers() if workers is None else int(workers)
     if workers < 0:
@@ -680,16 +778,20 @@ def _finish_case(
             )
         except Exception as failure:  # one case's failure is reported with it; the job goes on
             error, details = _one_line(failure, case.source), traceback.format_exc()
+    prepared.inputs = None  # the volumes go now, not when the next case has been read
     seconds = prepared.seconds + time.perf_counter() - start
     if error is not None:
         output = None
         record.update(status="failed", error=error)
+        # A label map at the case's path is not this input's with this model (it would have been skipped, or
+        # is this run's own, unfinished): left there, it would pass for the case's result.
+        _remove(case.output(out_dir), case.source)
     record.update(
         seconds=round(seconds, 3), finished=datetime.now(timezone.utc).isoformat(timespec="seconds")
     )
     try:
         _write_record(case.record(out_dir), record, protect=[case.source])
-    except Exception as failure:  # the label map is there but unrecorded: the next run redoes the case
+    except Exception as failure:  # no record: the next run redoes the case
         if error is None:
             error, details, output = (
                 f"cannot write its record: {_one_line(failure)}",
@@ -697,8 +799,21 @@ def _finish_case(
                 None,
             )
             record.update(status="failed", error=error)
+        # An earlier run's record would describe another label map (volumes.csv would list its volumes).
+        _remove(case.record(out_dir), case.source)
+        _remove(case.output(out_dir), case.source)
     status = "failed" if error is not None else "ok"
     return CaseOutcome(case, status, output, record, error, details, seconds)
+
+
+def _remove(path: Path, keep: Path) -> None:
+    """Delete the output ``path``, unless it is (or lies in) the input ``keep`` (a link inside the input folder may
+    lead anywhere)."""
+    real, source = os.path.realpath(path), os.path.realpath(keep)
+    if _within(real, source):
+        return
+    with contextlib.suppress(OSError):  # nothing more can be done; the record (if any) says the case failed
+        path.unlink(missing_ok=True)
 
 
 def _label_columns(id2label: dict[Any, str]) -> list[tuple[str, str]]:

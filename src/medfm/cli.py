@@ -82,8 +82,10 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.sw_batch_size < 1:
         raise ValueError(f"--sw-batch-size {args.sw_batch_size}: give at least 1 window per forward pass")
     source = Path(args.file)
-    if source.is_dir() and not holds_dicom_slices(source) and not _names_nifti(args.out):
-        return _segment_folder(args)
+    if source.is_dir() and not holds_dicom_slices(source):
+        if not _names_nifti(args.out):
+            return _segment_folder(args)
+        _refuse_folder_of_cases_to_one_file(source, args.out)
     segmenter = _load_pipeline("medical-segmentation", args.model, args.device, args.file)
     options = {
         "save_to": args.out,
@@ -111,6 +113,21 @@ def _names_nifti(path: str) -> bool:
     return path.lower().endswith((".nii", ".nii.gz"))
 
 
+def _refuse_folder_of_cases_to_one_file(source: Path, out: str) -> None:
+    """``medfm segment DIR --out x.nii.gz`` reads DIR as one DICOM series (its slices may lie in subfolders); a
+    folder of cases (NIfTI files, or several series) cannot go to one file."""
+    from .batch_segmentation import find_cases
+    from .errors import OutputPathError
+
+    cases = find_cases(source, exclude=out)
+    if any(case.kind == "nifti" for case in cases) or len(cases) > 1:
+        raise OutputPathError(
+            f"names one NIfTI file, but {source} is a folder of cases ({len(cases)} found: NIfTI files or DICOM "
+            "series); give --out an output folder (not ending in .nii or .nii.gz) to segment them all",
+            out,
+        )
+
+
 def _segment_folder(args: argparse.Namespace) -> int:
     """``medfm segment IN_DIR --out OUT_DIR``: every NIfTI file and DICOM series under IN_DIR
     (:func:`medfm.batch_segmentation.segment_folder`)."""
@@ -123,7 +140,7 @@ def _segment_folder(args: argparse.Namespace) -> int:
         )
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers}: give 0 (read in the main process) or more")
-    cases = find_cases(args.file)
+    cases = find_cases(args.file, exclude=args.out)
     check_folders(args.file, args.out, cases)  # before minutes of model loading
     processes = process_info()
     device = args.device
