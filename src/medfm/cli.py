@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import DeviceUnavailableError, MedfmError, ModelLoadError, ModelNotFoundError
 
-__all__ = ["check_device", "convert_main", "main", "parse_config_overrides"]
+__all__ = ["check_device", "convert_main", "load_pipeline_quietly", "main", "parse_config_overrides"]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -375,10 +375,22 @@ def _load_pipeline(task: str, model: str, device: str | None, file: str) -> Any:
         raise VolumeNotFoundError("no such file or folder", file)
     check_device(device)
     _model_config(model, task)
+    return load_pipeline_quietly(task, model, device)
+
+
+def load_pipeline_quietly(task: str, model: str, device: str | None = None) -> Any:
+    """``transformers.pipeline(task, model=model, device=device)`` without the weight-loading progress bar
+    (noise on a command line or a server log), its errors shortened to a :class:`ModelLoadError`.
+
+    Raises:
+        MedfmError: As raised by the pipeline (a model of another task...).
+        ModelLoadError: transformers or huggingface_hub could not load the model.
+    """
     from transformers import pipeline
     from transformers.utils import logging as transformers_logging
 
-    # A progress bar for loading weights is noise on a command line: stderr is for the error contract.
+    import medfm  # noqa: F401  (registers the models and pipelines)
+
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:

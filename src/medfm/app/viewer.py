@@ -380,22 +380,9 @@ class PipelineCache:
 
 
 def _load_pipeline(task: str, model: str, device: str | None) -> Any:
-    from transformers import pipeline
-    from transformers.utils import logging as transformers_logging
+    from ..cli import load_pipeline_quietly
 
-    import medfm  # noqa: F401  (registers the models and pipelines)
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        return pipeline(task, model=model, device=device)
-    except MedfmError:
-        raise
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the model: {_first_line(error)}", model) from error
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
+    return load_pipeline_quietly(task, model, device)
 
 
 # ------------------------------------------------------------------------------------------------- running
