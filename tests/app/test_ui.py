@@ -16,7 +16,7 @@ import pytest
 import medfm.app
 from medfm.app import AppDependencyError, add_app_arguments
 from medfm.app.launcher import AppPortError
-from medfm.errors import DeviceUnavailableError, MedfmError
+from medfm.errors import DeviceUnavailableError, MedfmError, ModelNotFoundError
 
 
 def test_medfm_app_imports_without_gradio_and_says_what_to_install(monkeypatch) -> None:
@@ -58,6 +58,11 @@ def test_a_taken_port_and_a_bad_device_are_one_line(capsys) -> None:
     assert err.count("\n") == 1 and "give a port from 1 to 65535" in err
     with pytest.raises(DeviceUnavailableError):
         medfm.app.build_app(device="nonsense")
+    # Before anything is served: a host that is no address of this machine, a model folder that is not there.
+    with pytest.raises(AppPortError, match=r"--host no-such-host\.invalid"):
+        medfm.app.run_app(_parse("--host", "no-such-host.invalid", "--port", "0"))
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        medfm.app.run_app(_parse("--model", "/no/such/model", "--port", "0"))
 
 
 def test_the_page_preselects_the_model_given(segmentation_model: Path, tmp_path: Path) -> None:

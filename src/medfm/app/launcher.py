@@ -73,7 +73,13 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
+        try:
+            probe.bind((host, 0))
+        except OSError as error:
+            raise AppPortError(
+                f"cannot serve on --host {host} ({error.strerror or error}); pass an address of this machine "
+                "(127.0.0.1, or 0.0.0.0 for every interface)"
+            ) from None
         return int(probe.getsockname()[1])
 
 
@@ -104,6 +110,10 @@ def run_app(args: argparse.Namespace, *, block: bool = True):
 
     if not 0 <= args.port <= 65535:
         raise AppPortError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")
+    from ..hub import check_model_source
+
+    for model in args.model:  # a folder that is not there fails now, not after the first upload
+        check_model_source(model)
     port = _free_port(args.host) if args.port == 0 else args.port
     _check_port(args.host, port)
     app = build_app(args.model, device=args.device, hub_cache=args.hub_cache)
