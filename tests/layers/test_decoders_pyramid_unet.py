@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from medfm.layers.decoders.conv import (
+    InstanceNorm2d,
+    InstanceNorm3d,
     UpStep,
     conv_norm_act,
     conv_transpose,
@@ -158,3 +160,45 @@ def test_unet_decoder_bf16_channels_last_path_and_head_count() -> None:
         torch.testing.assert_close(
             decoder(image, features, num_heads=1)[0], contiguous[0], atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm_as_group_norm_equals_instance_norm(spatial_dims: int, affine: bool) -> None:
+    torch.manual_seed(0)
+    fast = (InstanceNorm2d if spatial_dims == 2 else InstanceNorm3d)(6, affine=affine)
+    plain = (torch.nn.InstanceNorm2d if spatial_dims == 2 else torch.nn.InstanceNorm3d)(6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            fast.weight.uniform_(0.5, 1.5), fast.bias.uniform_(-0.5, 0.5)
+        plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 6, *(5, 6, 7)[-spatial_dims:], requires_grad=True)
+    out, ref = fast(x), plain(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    wrt = [x, fast.weight] if affine else [x]
+    grads = torch.autograd.grad(out.sin().sum(), wrt)
+    ref_grads = torch.autograd.grad(ref.sin().sum(), [x, plain.weight] if affine else [x])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    last = to_channels_last(x.detach())  # channels-last stays channels-last
+    memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    assert fast(last).is_contiguous(memory_format=memory_format)
+    # Unbatched input goes to the module's own path.
+    torch.testing.assert_close(fast(x[0]), plain(x[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_feature_pyramid_maps_are_channels_last_for_16_bit_convolutions_only() -> None:
+    torch.manual_seed(0)
+    pyramid = SimpleFeaturePyramid(
+        8, (4, 16, 16), fine_factors=((2, 2, 2), (2, 2, 2)), up_factor=(2, 2, 2), down_factor=(2, 2, 2)
+    ).eval()
+    grid = (2, 4, 4)
+    taps = [torch.randn(2, 1 + 32, 8) for _ in range(4)]  # batch 2, a prefix token
+    with torch.no_grad():
+        plain = pyramid(taps, grid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = pyramid(taps, grid)
+    assert all(f.is_contiguous() for f in plain)
+    assert all(f.is_contiguous(memory_format=torch.channels_last_3d) for f in fast)
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .conv import conv_transpose
+from .conv import InstanceNorm3d, conv_transpose, prefers_channels_last
 
 __all__ = ["SimpleFeaturePyramid"]
 
@@ -41,12 +41,12 @@ class SimpleFeaturePyramid(nn.Module):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         first, second = (tuple(f) for f in fine_factors)
-        self.norms = nn.ModuleList([nn.InstanceNorm3d(width, affine=True) for _ in range(4)])
+        self.norms = nn.ModuleList([InstanceNorm3d(width, affine=True) for _ in range(4)])
         self.fpn = nn.ModuleList(
             [
                 nn.Sequential(
                     conv_transpose(width, width, first),
-                    nn.InstanceNorm3d(width, affine=True),
+                    InstanceNorm3d(width, affine=True),
                     nn.GELU(),
                     conv_transpose(width, width, second),
                 ),
@@ -68,6 +68,13 @@ class SimpleFeaturePyramid(nn.Module):
         features = []
         for tap, norm, fpn in zip(taps, self.norms, self.fpn):
             volume = tap[:, self.num_prefix_tokens :].transpose(1, 2).unflatten(2, tuple(grid))
+            # A small copy into the layout the convolutions want: channels-last for 16-bit ones (the upsampled
+            # maps then come out channels-last with no reshuffle), contiguous for fp32. (The token view itself
+            # is channels-last only up to the batch stride, which some kernels then do not take as such.)
+            if prefers_channels_last(volume):
+                volume = volume.clone(memory_format=torch.channels_last_3d)
+            else:
+                volume = volume.contiguous()
             features.append(fpn(norm(volume)))
         if features[-1].shape[2:].numel() < 2:
             raise ValueError(
