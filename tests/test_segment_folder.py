@@ -128,6 +128,16 @@ def test_a_folder_segments_then_resumes(cases: Path, model_dir: Path, tmp_path: 
         and "segmented site1/case.nii" in printed
     )
 
+    # A label map a person corrected after the job wrote it is kept (and said so), not silently redone.
+    edited = out / OUTPUTS[0]
+    image = nib.load(edited)
+    corrected = np.zeros(image.shape, dtype=np.uint8)
+    nib.save(nib.Nifti1Image(corrected, image.affine, image.header), edited)
+    status, printed, err = _segment(capsys, *command)
+    assert status == 0 and "0 segmented, 3 skipped, 0 failed" in printed
+    assert f"case {NAMES[0]} skipped: its label map was changed after medfm wrote it" in err
+    assert not np.asarray(nib.load(edited).dataobj).any()
+
     status, printed, _ = _segment(capsys, *command, "--overwrite")
     assert status == 0 and "3 segmented, 0 skipped, 0 failed" in printed
     assert all(np.array_equal(first[name], labels) for name, labels in _labels(out).items())

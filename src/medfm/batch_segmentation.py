@@ -366,18 +366,26 @@ def _write_record(path: Path, record: dict[str, Any], protect: Iterable[Path]) -
         Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _is_done(case: Case, out_dir: Path, model: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """Whether the case's outputs are complete: a record saying ``ok``, made from this very input (size and
-    modification time), by this model with these settings, next to the label map it describes."""
+#: What :func:`_done_state` says of a case whose label map was changed after its record was written.
+EDITED = "edited"
+
+
+def _done_state(case: Case, out_dir: Path, model: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """``"done"`` when the case's outputs are complete: a record saying ``ok``, made from this very input (size
+    and modification time), by this model with these settings, next to the label map it describes;
+    :data:`EDITED` when all that holds but the label map was changed since (a person corrected it in a viewer:
+    it is kept, not overwritten); ``None`` when the case is to be (re)done."""
     record = _read_record(case.record(out_dir))
     if record is None or record.get("status") != "ok":
-        return False
+        return None
     if record.get("model") != model or record.get("settings") != settings:
-        return False
+        return None
     if record.get("input_fingerprint") != _fingerprint(case.source):
-        return False
+        return None
     output = case.output(out_dir)
-    return output.is_file() and record.get("output_fingerprint") == _fingerprint(output)
+    if not output.is_file():
+        return None
+    return "done" if record.get("output_fingerprint") == _fingerprint(output) else EDITED
 
 
 # ------------------------------------------------------------------------------------------ the outcomes
@@ -392,7 +400,7 @@ class CaseOutcome:
         status: ``"ok"`` (segmented now), ``"skipped"`` (done by an earlier run) or ``"failed"``.
         output: The label map (``None`` when the case failed).
         record: The case's record as written (or as found, for a skipped case).
-        error: One line saying why the case failed.
+        error: One line saying why the case failed (for a skipped case: why it was kept, when it was edited).
         details: The failure's traceback, for ``--debug``.
         seconds: Time spent on the case in this process (reading and preprocessing included).
     """
@@ -685,10 +693,16 @@ def segment_folder(
     outcomes: dict[str, CaseOutcome] = {}
     todo: list[Case] = []
     for case in mine:
-        if not overwrite and _is_done(case, out_dir, model, settings):
+        state = None if overwrite else _done_state(case, out_dir, model, settings)
+        if state is not None:
             outcome = CaseOutcome(
                 case, "skipped", case.output(out_dir), _read_record(case.record(out_dir)) or {}
             )
+            if state == EDITED:
+                outcome.error = (
+                    "its label map was changed after medfm wrote it: kept as it is, and its volumes in "
+                    f"{VOLUMES_CSV} are those medfm measured (--overwrite redoes it)"
+                )
             outcomes[case.name] = outcome
             if on_case is not None:
                 on_case(outcome)

@@ -162,6 +162,8 @@ def _segment_folder(args: argparse.Namespace) -> int:
             if getattr(args, "debug", False) and outcome.details:
                 tqdm.write(outcome.details.rstrip(), file=sys.stderr)
             tqdm.write(f"{prog}: case {outcome.case.name} failed: {outcome.error}", file=sys.stderr)
+        elif outcome.status == "skipped" and outcome.error:
+            tqdm.write(f"{prog}: case {outcome.case.name} skipped: {outcome.error}", file=sys.stderr)
         elif outcome.status == "ok":
             tqdm.write(
                 f"segmented {outcome.case.name} -> {outcome.output} ({outcome.seconds:.1f} s)",
