@@ -77,6 +77,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .memory import reuse_freed_memory
+
+    # A segmentation job allocates window-sized activations over and over: keep freed blocks for reuse (a
+    # process-wide allocator setting, which is why the command sets it and the library does not).
+    reuse_freed_memory()
     from .batch_segmentation import holds_dicom_slices
 
     if args.sw_batch_size < 1:

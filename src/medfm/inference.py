@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteOutputError
-from .memory import reuse_freed_memory
 from .models.modeling_utils import model_contract
 
 __all__ = [
@@ -180,8 +179,6 @@ def sliding_window_logits(
     roi = check_roi_size(model, roi_size, spacing) if roi_size is not None else None
     roi = roi or default_roi_size(model, pixel_values.shape[2:], spacing)
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        reuse_freed_memory()  # window-sized activations: no fresh pages per layer and window
     pixel_values = pixel_values.to(device)
     extra = contract.model_inputs(pixel_values, spacing)
     extra.pop("pixel_values")

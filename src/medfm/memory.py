@@ -187,9 +187,11 @@ def reuse_freed_memory() -> bool:
     window: measured on a 48x192x192 SPAD-ViT window, 2.2 million page faults and 3.5 s of system time per
     window (the model's own work took 7.6 s). With ``mallopt(M_MMAP_MAX, 0)`` and a high trim threshold, large
     blocks come from the heap and stay there after ``free``; the next window reuses them. The price: the
-    process keeps its peak memory until it exits, which is what a batch inference job wants. Set
-    ``MEDFM_REUSE_FREED_MEMORY=0`` to leave the allocator alone. (Preloading jemalloc or tcmalloc does the same
-    job for a whole program.)
+    process keeps its peak memory until it exits, which is what a batch inference job wants, and not what a
+    long-running service or notebook may want: so ``medfm segment`` calls it, the library does not (call it
+    yourself in an inference script). It acts on the main thread's heap (glibc's other threads' arenas still
+    map large blocks). Set ``MEDFM_REUSE_FREED_MEMORY=0`` to leave the allocator alone. (Preloading jemalloc
+    or tcmalloc does the same job for a whole program.)
 
     Returns:
         Whether the allocator is now set so (False on other C libraries, or when turned off).

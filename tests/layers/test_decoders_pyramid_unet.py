@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from medfm.layers.decoders.conv import (
     InstanceNorm2d,
     InstanceNorm3d,
+    StrideUpsample3d,
     UpStep,
     conv_norm_act,
     conv_transpose,
@@ -152,8 +153,8 @@ def test_unet_decoder_bf16_channels_last_path_and_head_count() -> None:
         torch.testing.assert_close(first, contiguous[0])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             (fast,) = decoder(image, features, num_heads=1)
-    # The kernels were made channels-last in place, once; the logits come back contiguous.
-    assert decoder.laterals[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    # The parameters keep their layout (DDP's gradient buckets depend on it); the logits come back contiguous.
+    assert all(p.is_contiguous() for p in decoder.parameters())
     assert fast.is_contiguous() and fast.dtype == torch.bfloat16
     torch.testing.assert_close(fast.float(), contiguous[0], atol=0.1, rtol=0.05)
     with torch.no_grad():  # fp32 after that is unchanged
@@ -202,3 +203,46 @@ def test_feature_pyramid_maps_are_channels_last_for_16_bit_convolutions_only() -
     assert all(f.is_contiguous(memory_format=torch.channels_last_3d) for f in fast)
     for got, want in zip(fast, plain):
         torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_stride_upsample_built_otherwise_runs_the_transposed_conv() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 3, 3, 3)
+    for kwargs in ({"stride": 1}, {"stride": 2, "padding": 1}, {"stride": 2, "output_padding": 1}):
+        fast = StrideUpsample3d(4, 4, 2, **kwargs)
+        plain = torch.nn.ConvTranspose3d(4, 4, 2, **kwargs)
+        plain.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(x), plain(x))
+    fast = conv_transpose(4, 4, 2)
+    torch.testing.assert_close(
+        fast(x[0]), torch.nn.functional.conv_transpose3d(x, fast.weight, fast.bias, 2)[0]
+    )
+
+
+def test_ddp_gradients_of_a_16_bit_decoder_equal_plain_training(tmp_path) -> None:
+    """Channels-last kernels are per-call copies: DDP (which buckets gradients by the parameters' layout at
+    wrap time) gets the same gradients as plain training under bf16 autocast."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    strides = [(1, 4, 4), (2, 8, 8), (4, 16, 16), (8, 32, 32)]
+    decoder = PyramidUNetDecoder(1, 8, (4, 4, 8, 8), (2, 4), num_labels=3, level_strides=strides)
+    image = torch.randn(1, 1, 16, 64, 64)
+    features = [torch.randn(1, 8, *(n // s for n, s in zip(image.shape[2:], stride))) for stride in strides]
+
+    def gradients(model) -> list[torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(h.float().square().mean() for h in model(image, features))
+        loss.backward()
+        return [p.grad.clone() for p in decoder.parameters()]
+
+    plain = gradients(decoder)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = gradients(DistributedDataParallel(decoder))
+    finally:
+        dist.destroy_process_group()
+    for got, want in zip(wrapped, plain):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -115,3 +115,18 @@ def test_percentile_clip_of_an_image_spanning_float32(tmp_path: Path) -> None:
     assert float(values.min()) == pytest.approx(0.0, abs=1e-6) and float(values.max()) == pytest.approx(
         1.0, abs=1e-6
     )
+
+
+def test_a_damaged_vox_offset_in_a_gzip_is_corrupt_not_a_memory_error(tmp_path: Path) -> None:
+    from medfm.io import read_nifti
+
+    image = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4))
+    raw = bytearray(image.to_bytes())
+    good = tmp_path / "good.nii.gz"
+    good.write_bytes(gzip.compress(bytes(raw)))
+    assert np.array_equal(read_nifti(good).to_source_array(), np.arange(24).reshape(2, 3, 4))
+    raw[108:112] = np.array([2.0**40], dtype="<f4").tobytes()  # vox_offset (float32 at byte 108)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(CorruptFileError, match="vox_offset"):
+        read_nifti(bad)

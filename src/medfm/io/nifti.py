@@ -73,11 +73,22 @@ def _check_gzip_stream(path: str, keep: int = 0) -> bytes:
     Raises:
         CorruptFileError: The stream is damaged or truncated (the message names the check that failed).
     """
+    chunk = 1 << 22
     try:
         with gzip.open(path, "rb") as stream:
-            head = stream.read(keep) if keep > 0 else b""
-            while stream.read(1 << 22):
+            buffer = bytearray(keep)  # filled in place: no regrowth, no second copy while reading
+            view, filled = memoryview(buffer), 0
+            while filled < keep:
+                count = stream.readinto(view[filled : filled + chunk])
+                if not count:
+                    break
+                filled += count
+            while stream.read(chunk):
                 pass
+        view.release()
+        # bytes, so nibabel's in-memory file shares it instead of copying it
+        head = bytes(buffer) if filled == keep else bytes(buffer[:filled])
+        del buffer
         return head
     except (OSError, EOFError, zlib.error) as error:
         detail = str(error) or type(error).__name__
@@ -89,6 +100,10 @@ def _check_gzip_stream(path: str, keep: int = 0) -> bytes:
         raise CorruptFileError(f"the gzip stream cannot be trusted ({detail}); {hint}", path) from error
 
 
+#: Header extensions larger than the voxels and this many bytes besides mark a damaged ``vox_offset``.
+_MAX_HEADER_EXTENSIONS = 1 << 30
+
+
 def _decompressed_once(image: nib.Nifti1Image, stored: np.dtype, path: str) -> nib.Nifti1Image:
     """The image of a ``.nii.gz`` rebuilt from its bytes, decompressed once with the stream's CRC checked.
 
@@ -96,7 +111,14 @@ def _decompressed_once(image: nib.Nifti1Image, stored: np.dtype, path: str) -> n
     the header before), so trailing data cannot grow it.
     """
     offset = int(image.dataobj.offset)
-    size = offset + math.prod(int(n) for n in image.shape) * stored.itemsize
+    voxels = math.prod(int(n) for n in image.shape) * stored.itemsize
+    if offset > voxels + _MAX_HEADER_EXTENSIONS:
+        raise CorruptFileError(
+            f"the header puts the voxels {offset} bytes into the file (vox_offset), beyond any header and "
+            "extensions; the header is damaged",
+            path,
+        )
+    size = offset + voxels
     head = _check_gzip_stream(path, keep=size)
     if len(head) < size:
         raise CorruptFileError(
@@ -149,8 +171,11 @@ def read_nifti(path: str | os.PathLike, *, allow_multichannel: bool = False) -> 
         )
     _check_voxel_budget(image, stored, path)
     if compressed:
+        header_only = image
         image = _decompressed_once(image, stored, path)
     data = _voxels(image, path)
+    if compressed:
+        image = header_only  # lets the decompressed bytes go before the reoriented copy is made
     file_shape = tuple(int(n) for n in data.shape)
     channel_axis_last = False
     if data.ndim == 2:

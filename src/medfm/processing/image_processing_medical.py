@@ -379,7 +379,7 @@ class MedicalImageProcessor(BaseImageProcessor):
                 better = torch.empty(channel.shape, dtype=torch.bool)
             else:
                 torch.gt(channel, best, out=better)
-                torch.maximum(best, channel, out=best)
+                torch.where(better, channel, best, out=best)  # not maximum(): a NaN must not stick
                 labels.masked_fill_(better, k)
         return {"segmentation": geometry.attach(_compact_labels(labels))}
 

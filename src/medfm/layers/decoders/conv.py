@@ -22,9 +22,12 @@ from torch import nn
 
 __all__ = [
     "ConvNormAct",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
     "StrideUpsample2d",
     "StrideUpsample3d",
     "UpStep",
+    "conv_channels_last",
     "conv_norm_act",
     "conv_transpose",
     "prefers_channels_last",
@@ -42,12 +45,15 @@ def _tuple(value: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
 
 
 class _InstanceNormAsGroupNorm:
-    """Instance norm computed as ``group_norm`` with one channel per group: the same numbers, but CPU's group-norm
-    kernel is about twice as fast as instance norm's (a batch norm over a reshaped view) on contiguous maps,
-    and keeps channels-last maps channels-last where instance norm is several times slower on them."""
+    """Instance norm computed, on CPU, as ``group_norm`` with one channel per group: the same numbers, but CPU's
+    group-norm kernel is about twice as fast as instance norm's (a batch norm over a reshaped view) on
+    contiguous maps, and keeps channels-last maps channels-last where instance norm is several times slower on
+    them. Other devices run ``nn.InstanceNorm``'s own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.track_running_stats or x.dim() != self._spatial_dims + 2:  # type: ignore[attr-defined]
+        # CPU only, where it was measured: CUDA autocast runs group_norm in float32 (instance_norm is not on its
+        # list), and CUDA's group norm makes channels-last maps contiguous.
+        if self.track_running_stats or x.dim() != self._spatial_dims + 2 or x.device.type != "cpu":  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)  # type: ignore[attr-defined]
 
@@ -71,8 +77,8 @@ class ConvNormAct(nn.Sequential):
     """Conv (no bias, "same" padding for odd kernels), InstanceNorm (no affine), LeakyReLU(0.01): nnU-Net's
     unit, as ``nn.Sequential`` children ``0``, ``1``, ``2`` (the keys of checkpoints).
 
-    The norm is :class:`InstanceNorm3d` (a group norm of one channel per group: equal numbers, faster) and
-    the LeakyReLU runs in place on the norm's fresh output (autograd allows it: the norm's backward needs its
+    The norm is :class:`InstanceNorm3d` (a group norm of one channel per group: equal numbers, faster), a
+    16-bit convolution runs channels-last (:func:`conv_channels_last`) and the LeakyReLU runs in place on the norm's fresh output (autograd allows it: the norm's backward needs its
     input, and LeakyReLU's with a positive slope its output).
     """
 
@@ -100,7 +106,8 @@ class ConvNormAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, norm, act = self[0], self[1], self[2]
-        return F.leaky_relu_(norm(conv(x)), act.negative_slope)
+        x = conv_channels_last(conv, x) if prefers_channels_last(x) else conv(x)
+        return F.leaky_relu_(norm(x), act.negative_slope)
 
 
 def conv_norm_act(
@@ -139,13 +146,39 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
 
 
+def conv_channels_last(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with a channels-last copy of its kernel, in the dtype the convolution computes in (autocast's
+    when on). oneDNN and cuDNN pick their fast 16-bit paths only when kernel and map are both channels-last;
+    the copy is made per call (autograd carries the gradient back to the parameter in its own layout), so the
+    module's parameters never change layout (which DDP's gradient buckets, for one, would not survive)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    weight = conv.weight.to(dtype=dtype, memory_format=_CHANNELS_LAST[conv.weight.dim()])
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
+    return conv._conv_forward(x, weight, bias)
+
+
 class _StrideUpsampleMixin:
     """The forward of a transposed conv with kernel = stride, no padding, groups or dilation: per input voxel,
     ``(C_in) @ (C_in, C_out * prod(kernel))``, then each voxel's block is put in its place. The output has the
     input's layout (channels-last in, channels-last out), as convolutions do."""
 
+    def _is_stride_upsample(self, x: torch.Tensor) -> bool:
+        n = len(self.kernel_size)  # type: ignore[attr-defined]
+        return (
+            tuple(self.stride) == tuple(self.kernel_size)  # type: ignore[attr-defined]
+            and not any(self.padding)  # type: ignore[attr-defined]
+            and not any(self.output_padding)  # type: ignore[attr-defined]
+            and all(d == 1 for d in self.dilation)  # type: ignore[attr-defined]
+            and self.groups == 1  # type: ignore[attr-defined]
+            and self.padding_mode == "zeros"  # type: ignore[attr-defined]
+            and x.dim() == n + 2
+        )
+
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
-        if output_size is not None:
+        if output_size is not None or not self._is_stride_upsample(
+            x
+        ):  # built otherwise: the parent's forward
             return super().forward(x, output_size)  # type: ignore[misc]
         factor = tuple(self.kernel_size)  # type: ignore[attr-defined]
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]

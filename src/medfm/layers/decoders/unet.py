@@ -63,7 +63,6 @@ class PyramidUNetDecoder(nn.Module):
         factor_to_half = (depth0 // half_depth, level_strides[0][1] // 2, level_strides[0][2] // 2)
         self.up_to_half = UpStep(lateral[0], half, half, factor_to_half, (1, 3, 3))
         self.up_to_full = UpStep(half, full, full, (half_depth, 2, 2), (1, 3, 3))
-        self._kernels_channels_last = False
         self.heads = nn.ModuleList(
             [nn.Conv3d(c, num_labels, 1) for c in (full, half, lateral[0], lateral[1])]
         )
@@ -74,11 +73,8 @@ class PyramidUNetDecoder(nn.Module):
         """Logits of the first ``num_heads`` heads, finest first, from the input and the pyramid levels (finest
         first). Inference needs only head 0; the others are deep supervision."""
         if prefers_channels_last(pixel_values):
-            # 16-bit convolutions run several times faster with maps and kernels channels-last (the kernels
-            # are converted once, in place; save_pretrained writes them contiguous as always).
-            if not self._kernels_channels_last:
-                self.to(memory_format=torch.channels_last_3d)
-                self._kernels_channels_last = True
+            # 16-bit convolutions run several times faster with maps and kernels channels-last (each unit takes
+            # a channels-last copy of its kernel per call: the parameters keep their layout).
             pixel_values, features = to_channels_last(pixel_values), [to_channels_last(f) for f in features]
         laterals = [lateral(f) for lateral, f in zip(self.laterals, features)]
         x = laterals[3]
