@@ -344,3 +344,15 @@ def test_a_single_slice_gets_one_view(tmp_path: Path) -> None:
     case = viewer.prepare_case(volume, {"segmentation": volume.with_array(labels)}, {1: "bright"})
     assert case.views() == ["axial"]
     assert viewer.render_view(case, "axial", 0).shape[:2] == (round(320 * 24 / 32), 320)
+
+
+def test_the_three_views_share_one_scale(tmp_path: Path) -> None:
+    # 20 x 24 x 16 voxels of 1 mm: each view's pixels per mm are the same, so the views compare at a glance.
+    case = _marked_case(tmp_path)
+    sizes = {view: viewer.render_view(case, view, 0, letters=False).shape[:2] for view in viewer.VIEWS}
+    scales = set()
+    for view, (height, width) in sizes.items():
+        _, row_axis, column_axis = viewer.VIEWS[view]
+        scales.add(round(height / (case.shape[row_axis] * case.spacing[row_axis]), 1))
+        scales.add(round(width / (case.shape[column_axis] * case.spacing[column_axis]), 1))
+    assert len(scales) == 1 and max(max(size) for size in sizes.values()) == 320

@@ -583,13 +583,16 @@ def prepare_case(
     )
 
 
-def _view_size(rows: int, columns: int, row_mm: float, column_mm: float) -> tuple[int, int]:
-    """Pixels (height, width) of a view of true aspect ratio, its longer side within the drawing range."""
-    pixel_mm = min(row_mm, column_mm)
-    height, width = rows * row_mm / pixel_mm, columns * column_mm / pixel_mm
-    longer = max(height, width)
-    scale = min(max(longer, _VIEW_MIN_EDGE), _VIEW_MAX_EDGE) / longer
-    return max(1, round(height * scale)), max(1, round(width * scale))
+def _view_size(
+    shape: Sequence[int], spacing: Sequence[float], row_axis: int, column_axis: int
+) -> tuple[int, int]:
+    """Pixels (height, width) of a view in true proportions, at one scale for all three views (mm per pixel
+    set so the volume's longest physical extent spans the drawing range), so the views can be compared."""
+    extents = [int(n) * float(s) for n, s in zip(shape, spacing)]
+    longest = max(extents)
+    edge = min(max(longest / min(float(s) for s in spacing), _VIEW_MIN_EDGE), _VIEW_MAX_EDGE)
+    mm_per_pixel = longest / edge
+    return max(1, round(extents[row_axis] / mm_per_pixel)), max(1, round(extents[column_axis] / mm_per_pixel))
 
 
 def _nearest(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -643,7 +646,7 @@ def render_view(
     take[fixed] = index
     plane = case.image[tuple(take)]
     labels = case.labels[tuple(take)]
-    size = _view_size(*plane.shape, case.spacing[row_axis], case.spacing[column_axis])
+    size = _view_size(case.shape, case.spacing, row_axis, column_axis)
     grey = Image.fromarray(plane).resize((size[1], size[0]), Image.Resampling.BILINEAR)
     picture = np.repeat(np.asarray(grey, dtype=np.float32)[..., None], 3, axis=2)
     labels = _nearest(labels, size)
