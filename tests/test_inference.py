@@ -127,3 +127,20 @@ def test_window_batches_do_not_change_the_logits() -> None:
     torch.testing.assert_close(_run(sw_batch_size=4, tta=True), _run(tta=True), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sw_batch_size must be at least 1"):
         _run(sw_batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "roi", "overlap"),
+    [((48, 64, 64), (32, 32, 32), 0.5), ((10, 100, 37), (8, 32, 32), 0.25), ((5, 20, 20), (8, 32, 32), 0.0)],
+)
+def test_window_count_matches_monais_windows(shape, roi, overlap) -> None:
+    from monai.inferers import sliding_window_inference
+
+    calls = []
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        calls.append(window.shape[0])
+        return window
+
+    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
+    assert sliding_window_count(shape, roi, overlap) == len(calls)

@@ -44,6 +44,7 @@ from .errors import (
     MixedSeriesError,
     OutputPathError,
     VolumeNotFoundError,
+    one_line,
 )
 from .io.atomic import atomic_output
 from .io.dicom import is_dicom_file
@@ -471,20 +472,16 @@ class BatchReport:
 def _one_line(error: BaseException, source: Path | None = None) -> str:
     """An error as one line: a medfm error's reason (without the path when it is the case's own input), any
     other error's first line with its type when that is not self-explanatory."""
+    text = None
     if isinstance(error, MedfmError) and source is not None and error.path is not None:
         text = error.reason if Path(error.path).resolve() == source.resolve() else str(error)
-    else:
-        text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[0] if lines else type(error).__name__
+    line = one_line(error, text)
     if isinstance(error, MixedSeriesError):
         # The reader's advice (series_uid=) is not an option of a folder job.
         line = line.replace(
             "(pass series_uid= to choose)",
             "(a folder job reads one series per folder: move each series into a folder of its own)",
         )
-    if not isinstance(error, MedfmError | ValueError | OSError | KeyError | TypeError):
-        line = f"{type(error).__name__}: {line}"
     return line
 
 

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DeviceUnavailableError, MedfmError, ModelLoadError, ModelNotFoundError
+from .errors import (
+    SELF_EXPLAINING_ERRORS,
+    DeviceUnavailableError,
+    MedfmError,
+    ModelLoadError,
+    ModelNotFoundError,
+    one_line,
+)
+from .errors import first_line as _first_line
 
 __all__ = ["check_device", "convert_main", "load_pipeline_quietly", "main", "parse_config_overrides"]
 
@@ -641,21 +649,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(_parser().parse_args(argv))
 
 
-#: Errors whose message is the whole story; any other exception also shows its type.
-_EXPECTED = (MedfmError, ValueError, OSError, KeyError, TypeError)
-
-
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (a KeyError's without its quotes)."""
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _message(error: BaseException) -> str:
-    line = _first_line(error)
-    if not isinstance(error, _EXPECTED):
-        line = f"{type(error).__name__}: {line} (run with --debug for the traceback)"
+    line = one_line(error)
+    if not isinstance(error, SELF_EXPLAINING_ERRORS):
+        line = f"{line} (run with --debug for the traceback)"
     return line
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "SELF_EXPLAINING_ERRORS",
     "AppDependencyError",
     "AppPortError",
     "BatchItemError",
@@ -45,6 +46,8 @@ __all__ = [
     "VolumeNotFoundError",
     "VolumeShapeError",
     "WrongTaskError",
+    "first_line",
+    "one_line",
 ]
 
 
@@ -220,3 +223,26 @@ class AppDependencyError(MedfmError, ImportError):
 
 class AppPortError(MedfmError, OSError):
     """The viewer's address or port cannot be used (taken, or not an address of this machine)."""
+
+
+#: Errors whose message is the whole story; any other exception is also named by its type.
+SELF_EXPLAINING_ERRORS = (MedfmError, ValueError, OSError, KeyError, TypeError)
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (a KeyError's without its quotes), or its type's
+    name when the message is empty."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def one_line(error: BaseException, text: str | None = None) -> str:
+    """An error as one line for a person: the first line of ``text`` (default: the error's message), named by
+    the error's type unless it is one of :data:`SELF_EXPLAINING_ERRORS`."""
+    if text is None:
+        line = first_line(error)
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        line = lines[0] if lines else type(error).__name__
+    return line if isinstance(error, SELF_EXPLAINING_ERRORS) else f"{type(error).__name__}: {line}"

@@ -20,6 +20,7 @@ from .io.volume import MedicalVolume
 __all__ = [
     "DISPLAY_CODES",
     "LABEL_PALETTE",
+    "display_grid",
     "label_colour",
     "orientation_letters",
     "orthogonal_slices_figure",
@@ -29,7 +30,6 @@ __all__ = [
 #: Display orientation: axis 0 runs head to feet, axis 1 anterior to posterior, axis 2 right to left (nibabel
 #: axis codes). Axial and coronal panels then show the patient's right on the image's left (radiological).
 DISPLAY_CODES = ("I", "P", "L")
-_DISPLAY_CODES = DISPLAY_CODES
 
 #: Label colours (RGB, 0-255): matplotlib's ``tab10`` table, so every picture medfm draws colours label ``k``
 #: alike. Label ``k >= 1`` takes entry ``k - 1``; labels past the table get :func:`label_colour`'s extra hues.
@@ -72,9 +72,10 @@ _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 _PANELS = (("axial", 0, 1, 2), ("coronal", 1, 0, 2), ("sagittal", 2, 0, 1))
 
 
-def _display_grid(volume: MedicalVolume, data: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient ``(D, H, W)`` data of ``volume``'s grid to (I, P, L); also return that grid's spacing."""
-    transform = transform_to_codes(volume.affine, _DISPLAY_CODES)
+def display_grid(volume: MedicalVolume, data: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reorient ``(D, H, W)`` data of ``volume``'s grid to the display grid (:data:`DISPLAY_CODES`); also
+    return that grid's spacing."""
+    transform = transform_to_codes(volume.affine, DISPLAY_CODES)
     spacing = tuple(volume.spacing[p] for p in transform.perm)
     return np.ascontiguousarray(transform.apply(data)), spacing  # type: ignore[return-value]
 
@@ -86,7 +87,7 @@ def orientation_letters(volume: MedicalVolume) -> tuple[tuple[str, str], ...]:
     Derived from ``volume.orientation`` (the direction each canonical axis runs towards) and the permutation
     and flips that take the canonical grid to the display grid.
     """
-    transform = transform_to_codes(volume.affine, _DISPLAY_CODES)
+    transform = transform_to_codes(volume.affine, DISPLAY_CODES)
     letters = []
     for axis, flip in zip(transform.perm, transform.flip):
         end = volume.orientation[axis]
@@ -123,7 +124,7 @@ def orthogonal_slices_figure(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    image, spacing = _display_grid(volume, volume.array[channel].astype(np.float32))
+    image, spacing = display_grid(volume, volume.array[channel].astype(np.float32))
     letters = orientation_letters(volume)
     label_data = None
     if labels is not None:
@@ -131,7 +132,7 @@ def orthogonal_slices_figure(
         label_array = label_array.reshape(label_array.shape[-3:])
         if label_array.shape != volume.spatial_shape:
             raise ValueError(f"labels {label_array.shape} are not on the image grid {volume.spatial_shape}")
-        label_data, _ = _display_grid(volume, label_array)
+        label_data, _ = display_grid(volume, label_array)
     finite = image[np.isfinite(image)]
     vmin, vmax = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
     centre = _centre(label_data, image.shape)

@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import medfm  # noqa: F401  (registers the models and pipelines)
@@ -125,23 +124,6 @@ def test_tasks_are_told_and_pipelines_cached(
 
 
 # ------------------------------------------------------------------------------------------------ running
-
-
-@pytest.mark.parametrize(
-    ("shape", "roi", "overlap"),
-    [((48, 64, 64), (32, 32, 32), 0.5), ((10, 100, 37), (8, 32, 32), 0.25), ((5, 20, 20), (8, 32, 32), 0.0)],
-)
-def test_window_count_matches_monai(shape, roi, overlap) -> None:
-    from monai.inferers import sliding_window_inference
-
-    calls = []
-
-    def predictor(window: torch.Tensor) -> torch.Tensor:
-        calls.append(window.shape[0])
-        return window
-
-    sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
-    assert viewer.count_windows(shape, roi, overlap) == len(calls)
 
 
 def test_a_segmentation_run_reports_progress_and_writes_on_the_input_grid(

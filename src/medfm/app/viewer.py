@@ -35,10 +35,11 @@ from ..errors import (
     UnsupportedFormatError,
     VolumeNotFoundError,
     WrongTaskError,
+    first_line,
+    one_line,
 )
 from ..io import MedicalVolume, load_volume
-from ..io.orientation import transform_to_codes
-from ..visualization import DISPLAY_CODES, label_colour, orientation_letters
+from ..visualization import display_grid, label_colour, orientation_letters
 
 __all__ = [
     "IMAGE_SUFFIXES_NOT_READ",
@@ -50,7 +51,6 @@ __all__ = [
     "SegmentationCase",
     "analyse",
     "classification_table",
-    "count_windows",
     "extract_zip",
     "file_stem",
     "legend_html",
@@ -170,11 +170,11 @@ def extract_zip(
                             )
                         out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise CorruptFileError(f"not a readable zip archive ({_first_line(error)})", name) from None
+        raise CorruptFileError(f"not a readable zip archive ({first_line(error)})", name) from None
     except RuntimeError as error:  # encrypted members, unsupported compression
-        raise CorruptFileError(f"cannot unpack the zip ({_first_line(error)})", name) from None
+        raise CorruptFileError(f"cannot unpack the zip ({first_line(error)})", name) from None
     except NotImplementedError as error:
-        raise UnsupportedFormatError(f"cannot unpack the zip ({_first_line(error)})", name) from None
+        raise UnsupportedFormatError(f"cannot unpack the zip ({first_line(error)})", name) from None
     return destination
 
 
@@ -214,19 +214,10 @@ def user_message(error: BaseException, renames: Mapping[str, str] | None = None)
     """One line for the page: a medfm error's message, with temporary paths (Gradio's upload folder, the
     unpacked zip) replaced by the names the user knows (``renames``: path -> name); another exception is
     named by its type. Never a traceback."""
-    if isinstance(error, MedfmError | ValueError | OSError | KeyError | TypeError):
-        text = _first_line(error)
-    else:
-        text = f"{type(error).__name__}: {_first_line(error)}"
+    text = one_line(error)
     for path, name in sorted((renames or {}).items(), key=lambda item: -len(item[0])):
         text = text.replace(path, name)
     return text
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -388,18 +379,6 @@ def _load_pipeline(task: str, model: str, device: str | None) -> Any:
 # ------------------------------------------------------------------------------------------------- running
 
 
-def count_windows(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """How many windows MONAI's ``sliding_window_inference`` runs over a volume of spatial ``shape`` (after
-    padding it to at least one window), with windows of ``roi_size`` overlapping by ``overlap``."""
-    from monai.data.utils import dense_patch_slices
-
-    size = [max(int(n), int(r)) for n, r in zip(shape, roi_size)]
-    interval = [
-        int(r) if int(r) == n else max(int(int(r) * (1 - overlap)), 1) for n, r in zip(size, roi_size)
-    ]
-    return len(dense_patch_slices(size, [int(r) for r in roi_size], interval))
-
-
 def _quiet(progress: Progress | None) -> Progress:
     return progress if progress is not None else (lambda fraction, text: None)
 
@@ -429,7 +408,7 @@ def run_segmentation(
     Returns:
         The pipeline's result (``segmentation``, ``label_map``, ``labels``, ``saved_to``).
     """
-    from ..inference import default_roi_size
+    from ..inference import default_roi_size, sliding_window_count
 
     report = _quiet(progress)
     report(0.05, "preprocessing")
@@ -441,7 +420,7 @@ def run_segmentation(
     if len(shape) == 3:
         try:
             roi = default_roi_size(segmenter.model, shape, inputs["spacing"])
-            total = count_windows(shape, roi, overlap)
+            total = sliding_window_count(shape, roi, overlap)
         except Exception:  # a model contract without a default window: count without a total
             total = None
     done = [0]
@@ -529,11 +508,6 @@ class SegmentationCase:
         return {name: points[fixed] for name, (fixed, _, _) in VIEWS.items()}
 
 
-def _display(volume: MedicalVolume, data: np.ndarray) -> np.ndarray:
-    transform = transform_to_codes(volume.affine, DISPLAY_CODES)
-    return np.ascontiguousarray(transform.apply(data))
-
-
 def _windowed(image: np.ndarray) -> np.ndarray:
     finite = image[np.isfinite(image)]
     if finite.size == 0:
@@ -555,11 +529,9 @@ def prepare_case(
 ) -> SegmentationCase:
     """A :class:`SegmentationCase` from an image and a segmentation pipeline's result."""
     segmentation: MedicalVolume = result["segmentation"]
-    image = _display(volume, volume.array[0].astype(np.float32))
-    labels = _display(segmentation, segmentation.array.reshape(segmentation.array.shape[-3:]))
+    image, spacing = display_grid(volume, volume.array[0].astype(np.float32))
+    labels, _ = display_grid(segmentation, segmentation.array.reshape(segmentation.array.shape[-3:]))
     labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
-    transform = transform_to_codes(volume.affine, DISPLAY_CODES)
-    spacing = tuple(float(volume.spacing[p]) for p in transform.perm)
     names = {int(k): str(v) for k, v in id2label.items() if int(k) != 0}
     for value in np.unique(labels):
         if value != 0:
@@ -574,7 +546,7 @@ def prepare_case(
         name=name,
         image=_windowed(image),
         labels=labels,
-        spacing=spacing,  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
         letters=orientation_letters(volume),
         names=dict(sorted(names.items())),
         volumes=volumes,
