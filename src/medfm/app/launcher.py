@@ -10,7 +10,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from ..errors import AppDependencyError, AppPortError, MedfmError
+from ..errors import AppDependencyError, AppPortError
 
 __all__ = ["AppDependencyError", "add_app_arguments", "main", "require_gradio", "run_app"]
 
@@ -143,13 +143,8 @@ def run_app(args: argparse.Namespace, *, block: bool = True):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medfm.app [options]``: the viewer alone, with ``medfm app``'s options and error contract
-    (a one-line message on stderr and status 2)."""
-    parser = argparse.ArgumentParser(prog="medfm app", description="Serve medfm's web viewer.")
-    add_app_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run_app(args)
-    except MedfmError as error:
-        print(f"medfm app: {error}", file=sys.stderr)
-        return 2
+    """``python -m medfm.app [options]``: ``medfm app`` itself, so the same options and error contract (one
+    line on stderr, status 2; ``--debug`` for the traceback)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["app", *(sys.argv[1:] if argv is None else argv)])
