@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from .distributed import check_processes_joined, launched_processes
 from .errors import (
     BatchOutputError,
     DatasetError,
@@ -294,7 +295,7 @@ def process_info() -> ProcessInfo:
     Raises:
         DistributedLaunchError: Several processes were launched but cannot see each other.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    launched = launched_processes()
     if launched <= 1:
         return ProcessInfo()
     import torch
@@ -308,12 +309,12 @@ def process_info() -> ProcessInfo:
             "`accelerate launch --num_processes N` (on a machine without GPUs add --cpu or set "
             "ACCELERATE_USE_CPU=1) or torchrun"
         ) from error
-    if state.num_processes != launched:
-        raise DistributedLaunchError(
-            f"{launched} processes were launched but each runs alone (Accelerate sees {state.num_processes}, "
-            f"distributed type {state.distributed_type}), so each would segment every case; launch with "
-            "`accelerate launch --num_processes N` (on a machine without GPUs add --cpu or set ACCELERATE_USE_CPU=1)"
-        )
+    check_processes_joined(
+        state.num_processes,
+        state.distributed_type,
+        ", so each would segment every case; launch with `accelerate launch --num_processes N` (on a machine "
+        "without GPUs add --cpu or set ACCELERATE_USE_CPU=1)",
+    )
     device = str(state.device) if state.device is not None and state.device.type != "cpu" else None
     return ProcessInfo(state.process_index, state.num_processes, device, state.wait_for_everyone)
 

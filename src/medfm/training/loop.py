@@ -34,6 +34,7 @@ from accelerate.tracking import GeneralTracker
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import check_processes_joined
 from ..errors import DistributedLaunchError
 from .objectives.base import PretrainingObjective, clip_gradients, default_parameter_groups, unwrap_objective
 
@@ -308,14 +309,12 @@ def _check_process_group(accelerator) -> None:
     or ``ACCELERATE_USE_CPU=1``). Otherwise ``accelerate launch --num_processes N`` on a CPU machine starts N
     processes that each train alone, all acting as the main process (same logs, racing checkpoints).
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched > 1 and accelerator.num_processes != launched:
-        raise DistributedLaunchError(
-            f"{launched} processes were launched but each runs alone (Accelerate sees "
-            f"{accelerator.num_processes}, distributed type {accelerator.distributed_type}): on a machine without "
-            "GPUs set use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=1), which runs the processes "
-            "as CPU data parallel; FSDP and DeepSpeed shard only on GPUs"
-        )
+    check_processes_joined(
+        accelerator.num_processes,
+        accelerator.distributed_type,
+        ": on a machine without GPUs set use_cpu: true in the accelerate config (or ACCELERATE_USE_CPU=1), which "
+        "runs the processes as CPU data parallel; FSDP and DeepSpeed shard only on GPUs",
+    )
 
 
 def _configure_deepspeed(accelerator, config: TrainingConfig) -> None:
